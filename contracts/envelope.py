@@ -1,0 +1,106 @@
+"""The envelope every stream entry carries, and its encoding as stream fields."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from contracts import naming
+
+SCHEMA_VERSION = 1
+
+
+class WorkflowRef(BaseModel):
+    """The definition a message belongs to."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    version: int = 1
+
+
+class Envelope(BaseModel):
+    """One message on the wire.  Readers ignore fields they do not know."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    message_id: str = Field(min_length=1, max_length=200)
+    type: str = Field(min_length=1, max_length=64)
+    schema_version: int = SCHEMA_VERSION
+    correlation_id: str = Field(min_length=1, max_length=200)
+    causation_id: str | None = None
+    workflow: WorkflowRef
+    producer: str
+    occurred_at: AwareDatetime
+    attempt: int = Field(default=1, ge=1)
+    traceparent: str | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class DecodeError(Exception):
+    """A stream entry that is not a valid envelope; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+def derived_message_id(causation_id: str, *parts: str) -> str:
+    """A message id determined by the message it reacts to: re-running the same
+    reaction yields the same id, so a consumer's dedupe catches the repeat."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, "/".join((causation_id, *parts))).hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def encode(envelope: Envelope) -> dict[str, bytes | str]:
+    """The stream fields of an envelope."""
+    return {
+        naming.FIELD_TYPE: envelope.type,
+        naming.FIELD_CORRELATION_ID: envelope.correlation_id,
+        naming.FIELD_MESSAGE_ID: envelope.message_id,
+        naming.FIELD_ENVELOPE: orjson.dumps(envelope.model_dump(mode="json", exclude_none=True)),
+    }
+
+
+def _text(fields: dict[bytes, bytes], name: str) -> str:
+    raw = fields.get(name.encode())
+    if raw is None:
+        raise DecodeError(f"missing stream field {name!r}")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"stream field {name!r} is not UTF-8") from exc
+
+
+def decode(fields: dict[bytes, bytes]) -> Envelope:
+    """Decode a stream entry's fields into an envelope, or raise :class:`DecodeError`.
+
+    The routing fields must agree with the envelope they travel with.
+    """
+    message_type = _text(fields, naming.FIELD_TYPE)
+    correlation_id = _text(fields, naming.FIELD_CORRELATION_ID)
+    raw = fields.get(naming.FIELD_ENVELOPE.encode())
+    if raw is None:
+        raise DecodeError(f"missing stream field {naming.FIELD_ENVELOPE!r}")
+    try:
+        envelope = Envelope.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "envelope"
+        raise DecodeError(f"invalid envelope at {where}: {first['msg']}") from exc
+    if envelope.type != message_type:
+        raise DecodeError(f"stream field type={message_type!r} disagrees with envelope type={envelope.type!r}")
+    if envelope.correlation_id != correlation_id:
+        raise DecodeError("stream field correlation_id disagrees with the envelope")
+    return envelope

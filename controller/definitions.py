@@ -1,0 +1,63 @@
+"""The set of workflow definitions a controller runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import orjson
+from pydantic import TypeAdapter
+
+from contracts.definitions import ORDER_SAGA, WorkflowDefinition
+
+_MANY = TypeAdapter(list[WorkflowDefinition])
+
+
+class UnknownWorkflow(LookupError):
+    def __init__(self, name: str, version: int | None = None) -> None:
+        super().__init__(f"no workflow definition {name!r}" + (f" version {version}" if version else ""))
+        self.name = name
+
+
+class Definitions:
+    """Definitions by name (newest version) and by (name, version)."""
+
+    def __init__(self, definitions: Iterable[WorkflowDefinition] = (ORDER_SAGA,)) -> None:
+        self._by_version: dict[tuple[str, int], WorkflowDefinition] = {}
+        self._latest: dict[str, WorkflowDefinition] = {}
+        for definition in definitions:
+            self._by_version[(definition.name, definition.version)] = definition
+            current = self._latest.get(definition.name)
+            if current is None or current.version < definition.version:
+                self._latest[definition.name] = definition
+
+    @classmethod
+    def load(cls, path: Path | None) -> Definitions:
+        """The built-in order saga plus the definitions in a JSON file (a list)."""
+        extra = _MANY.validate_python(orjson.loads(path.read_bytes())) if path else []
+        return cls([ORDER_SAGA, *extra])
+
+    def latest(self, name: str) -> WorkflowDefinition:
+        try:
+            return self._latest[name]
+        except KeyError:
+            raise UnknownWorkflow(name) from None
+
+    def get(self, name: str, version: int) -> WorkflowDefinition:
+        try:
+            return self._by_version[(name, version)]
+        except KeyError:
+            raise UnknownWorkflow(name, version) from None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._by_version.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._latest)
+
+    def event_types(self) -> set[str]:
+        """Every message type the controller correlates."""
+        return {t for d in self._by_version.values() for t in d.message_types()}
+
+    def all_types(self) -> set[str]:
+        return {t for d in self._by_version.values() for t in d.message_types() | d.command_types()}

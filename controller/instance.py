@@ -1,0 +1,90 @@
+"""A workflow instance: the controller's state of one running (or finished) workflow."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.envelope import WorkflowRef
+
+
+class WorkflowStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    FAILED = "failed"
+    NEEDS_ATTENTION = "needs_attention"
+
+
+TERMINAL = frozenset({WorkflowStatus.COMPLETED, WorkflowStatus.COMPENSATED, WorkflowStatus.FAILED})
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    SKIPPED = "skipped"
+
+
+class StepState(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    participant: str
+    status: StepStatus = StepStatus.PENDING
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    compensation_started_at: datetime | None = None
+    compensated_at: datetime | None = None
+    result: dict[str, Any] | None = Field(default=None, description="payload of the event that completed the step")
+    error: str | None = None
+
+
+class Instance(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    workflow: WorkflowRef
+    status: WorkflowStatus = WorkflowStatus.RUNNING
+    version: int = Field(default=1, description="bumped by every committed transition")
+    events: int = Field(default=0, description="number of history entries")
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    input: dict[str, Any]
+    steps: list[StepState]
+    error: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+    def step(self, name: str) -> StepState:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+
+class HistoryEntry(BaseModel):
+    """One line of a workflow's history: a message it received or sent."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    seq: int
+    at: datetime
+    direction: str = Field(description="'in' for a correlated event, 'out' for a message the controller sent")
+    type: str
+    message_id: str
+    causation_id: str | None = None
+    producer: str
+    step: str | None = None
+    step_status: StepStatus | None = None
+    status: WorkflowStatus
+    detail: str | None = None

@@ -1,0 +1,174 @@
+"""Workflow instances in Redis: load them, and commit transitions atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from contracts import naming
+from contracts.definitions import WorkflowDefinition
+from contracts.envelope import encode
+from controller import state_machine
+from controller.instance import TERMINAL, HistoryEntry, Instance, WorkflowStatus
+from participants.sdk.commit import Commit, CommitScript, Outcome
+from participants.sdk.consumer import Entry
+
+log = logging.getLogger(__name__)
+
+PROGRESS_MAXLEN = 100_000
+_IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c9a56-2a7e-4f0c-9d55-3c1f3b8e2a10")
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with another request body."""
+
+    def __init__(self, key: str, workflow_id: str) -> None:
+        super().__init__(f"Idempotency-Key {key!r} was used for another request (workflow {workflow_id})")
+        self.key = key
+        self.workflow_id = workflow_id
+
+
+def request_hash(definition: str, payload: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps([definition, payload], option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def workflow_id_for(definition: str, idempotency_key: str | None) -> str:
+    """A fresh id, or the id an Idempotency-Key always maps to (so a repeated
+    request finds the same instance in the same partition, with no extra lookup)."""
+    if idempotency_key is None:
+        return uuid.uuid4().hex
+    return uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{definition}\x00{idempotency_key}").hex
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+class WorkflowStore:
+    def __init__(
+        self,
+        redis: Redis,
+        partitions: int,
+        *,
+        retention_s: int = 7 * 86_400,
+        script: CommitScript | None = None,
+    ) -> None:
+        self.redis = redis
+        self.partitions = partitions
+        self.retention_s = retention_s
+        self.script = script or CommitScript()
+
+    def partition(self, workflow_id: str) -> int:
+        return naming.partition_of(workflow_id, self.partitions)
+
+    async def load(self, workflow_id: str) -> Instance | None:
+        return (await self.load_many([workflow_id]))[workflow_id]
+
+    async def load_many(self, workflow_ids: Iterable[str]) -> dict[str, Instance | None]:
+        ids = list(dict.fromkeys(workflow_ids))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for workflow_id in ids:
+                pipe.hget(naming.instance_key(self.partition(workflow_id), workflow_id), "s")
+            raw = await pipe.execute()
+        return {wid: Instance.model_validate_json(r) if r else None for wid, r in zip(ids, raw, strict=True)}
+
+    async def history(self, workflow_id: str, start: int = 0) -> list[HistoryEntry]:
+        key = naming.history_key(self.partition(workflow_id), workflow_id)
+        return [HistoryEntry.model_validate_json(raw) for raw in await self.redis.lrange(key, start, -1)]
+
+    async def list(self, status: WorkflowStatus | None = None, limit: int = 100) -> list[Instance]:
+        """The most recently updated workflows, newest first, across partitions."""
+        statuses = [status] if status else list(WorkflowStatus)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p in range(self.partitions):
+                for s in statuses:
+                    pipe.zrevrange(naming.status_index_key(p, s), 0, limit - 1, withscores=True)
+            rows = await pipe.execute()
+        newest = sorted(((score, member.decode()) for row in rows for member, score in row), reverse=True)
+        found = await self.load_many(wid for _, wid in newest[:limit])
+        return [instance for instance in found.values() if instance is not None]
+
+    def commit(self, before: Instance | None, result: state_machine.Transition, cause: Entry | None = None) -> Commit:
+        """The atomic commit of one transition (and the ack of the entry that caused it)."""
+        instance = result.instance
+        p = self.partition(instance.id)
+        inst_key = naming.instance_key(p, instance.id)
+        seen = naming.seen_key(p, instance.id)
+        hist = naming.history_key(p, instance.id)
+        commit = Commit().guard(inst_key, before.version if before else 0)
+        incoming = next((h for h in result.history if h.direction == "in"), None)
+        dedupe_id = incoming.message_id if incoming else result.history[0].message_id
+        commit.dedupe(seen, dedupe_id)
+        commit.hset(inst_key, {"v": str(instance.version), "s": instance.model_dump_json()})
+        commit.rpush(hist, *(entry.model_dump_json() for entry in result.history))
+        for message in result.outgoing:
+            commit.xadd(naming.message_stream(p, message.type), encode(message))
+        for entry in result.history:
+            commit.xadd(naming.progress_stream(p), _progress(instance, entry), maxlen=PROGRESS_MAXLEN)
+        if before is None or before.status != instance.status:
+            if before is not None:
+                commit.zrem(naming.status_index_key(p, before.status), instance.id)
+        commit.zadd(naming.status_index_key(p, instance.status), _ms(instance.updated_at), instance.id)
+        if instance.status in TERMINAL:
+            for key in (inst_key, seen, hist):
+                commit.expire(key, self.retention_s)
+        if cause is not None:
+            commit.ack(cause.stream, naming.CONTROLLER_GROUP, cause.id)
+        return commit
+
+    async def start(
+        self,
+        definition: WorkflowDefinition,
+        payload: dict[str, Any],
+        now: datetime,
+        *,
+        idempotency_key: str | None = None,
+        traceparent: str | None = None,
+    ) -> tuple[Instance, bool]:
+        """Create a workflow and publish its start event; (instance, created).
+
+        With an Idempotency-Key, a repeat of the same request returns the existing
+        instance (created=False) and another body raises :class:`IdempotencyConflict`.
+        """
+        digest = request_hash(definition.name, payload)
+        workflow_id = workflow_id_for(definition.name, idempotency_key)
+        result = state_machine.start(
+            definition,
+            workflow_id,
+            payload,
+            now,
+            idempotency_key=idempotency_key,
+            request_hash=digest,
+            traceparent=traceparent,
+        )
+        [outcome] = await self.script.run(self.redis, [self.commit(None, result)])
+        if outcome.outcome is Outcome.OK:
+            return result.instance, True
+        existing = await self.load(workflow_id)
+        if existing is None:  # expired between the two calls: start afresh
+            return await self.start(definition, payload, now, idempotency_key=idempotency_key, traceparent=traceparent)
+        if existing.request_hash != digest:
+            assert idempotency_key is not None
+            raise IdempotencyConflict(idempotency_key, workflow_id)
+        return existing, False
+
+
+def _progress(instance: Instance, entry: HistoryEntry) -> dict[str, str | bytes]:
+    return {
+        "workflow_id": instance.id,
+        "workflow": instance.workflow.name,
+        "seq": str(entry.seq),
+        "type": entry.type,
+        "direction": entry.direction,
+        "step": entry.step or "",
+        "step_status": entry.step_status or "",
+        "status": instance.status,
+        "at": entry.at.isoformat(),
+    }

@@ -1,0 +1,146 @@
+"""The commit primitive: all the writes of one decision in one Lua script call.
+
+Decisions are made in Python; :class:`Commit` only collects their writes (state,
+history, outgoing messages, timers, the XACK of the message that caused them) and
+:func:`run_commits` applies many commits in one pipelined round trip.  The script
+is generic on purpose: it knows nothing about workflows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from importlib import resources
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+_SOURCE = resources.files(__package__).joinpath("commit.lua").read_text()
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    DUPLICATE = "dup"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    outcome: Outcome
+    value: str | None = None  # the recorded value of a duplicate `once`, or the current version on conflict
+
+
+def _slot_tag(key: str) -> str:
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if start >= 0 and end > start + 1 else key
+
+
+@dataclass
+class Commit:
+    """The writes of one decision; every key must share one hash slot."""
+
+    keys: list[str] = field(default_factory=list)
+    spec: dict[str, Any] = field(default_factory=dict)
+    _index: dict[str, int] = field(default_factory=dict)
+
+    def _k(self, key: str) -> int:
+        index = self._index.get(key)
+        if index is None:
+            if self.keys and _slot_tag(key) != _slot_tag(self.keys[0]):
+                raise ValueError(f"{key!r} is not in the hash slot of {self.keys[0]!r}")
+            self.keys.append(key)
+            index = self._index[key] = len(self.keys)
+        return index
+
+    def _add(self, op: str, *args: Any) -> Commit:
+        self.spec.setdefault(op, []).append(list(args))
+        return self
+
+    def dedupe(self, key: str, member: str, ttl: int | None = None) -> Commit:
+        """Do nothing (but ack) if ``member`` was already recorded in set ``key``."""
+        self.spec["dedupe"] = [self._k(key), member, str(ttl or "")]
+        return self
+
+    def once(self, key: str, value: str, ttl: int | None = None) -> Commit:
+        """Do nothing (but ack) if ``key`` exists; otherwise set it to ``value``."""
+        self.spec["once"] = [self._k(key), value, str(ttl or "")]
+        return self
+
+    def guard(self, key: str, expected_version: int) -> Commit:
+        """Compare-and-set: hash field ``v`` of ``key`` must be ``expected_version`` (0 = no such hash)."""
+        self.spec["guard"] = [self._k(key), str(expected_version)]
+        return self
+
+    def hset(self, key: str, mapping: dict[str, str]) -> Commit:
+        flat = [item for pair in mapping.items() for item in pair]
+        return self._add("hset", self._k(key), *flat)
+
+    def rpush(self, key: str, *values: str) -> Commit:
+        return self._add("rpush", self._k(key), *values)
+
+    def xadd(self, key: str, fields: dict[str, str | bytes], maxlen: int | None = None) -> Commit:
+        flat: list[str] = []
+        for name, value in fields.items():
+            flat.append(name)
+            flat.append(value.decode() if isinstance(value, bytes) else value)
+        return self._add("xadd", self._k(key), str(maxlen or ""), *flat)
+
+    def zadd(self, key: str, score: float, member: str) -> Commit:
+        return self._add("zadd", self._k(key), repr(score), member)
+
+    def zrem(self, key: str, member: str) -> Commit:
+        return self._add("zrem", self._k(key), member)
+
+    def hincrby(self, key: str, name: str, amount: int) -> Commit:
+        return self._add("hincrby", self._k(key), name, str(amount))
+
+    def expire(self, key: str, ttl: int) -> Commit:
+        return self._add("expire", self._k(key), str(ttl))
+
+    def ack(self, stream: str, group: str, entry_id: str) -> Commit:
+        return self._add("ack", self._k(stream), group, entry_id)
+
+
+class CommitScript:
+    """The loaded commit script; reloads itself if the server lost it (restart, flush)."""
+
+    def __init__(self) -> None:
+        self._sha: str | None = None
+
+    async def _load(self, redis: Redis) -> str:
+        self._sha = str(await redis.script_load(_SOURCE))
+        return self._sha
+
+    async def run(self, redis: Redis, commits: list[Commit]) -> list[CommitResult]:
+        """Apply ``commits`` in order in one round trip; each is atomic on its own."""
+        if not commits:
+            return []
+        sha = self._sha or await self._load(redis)
+        raw = await self._pipeline(redis, sha, commits)
+        if any(isinstance(r, NoScriptError) for r in raw):
+            sha = await self._load(redis)
+            retry = [c for c, r in zip(commits, raw, strict=True) if isinstance(r, NoScriptError)]
+            again = iter(await self._pipeline(redis, sha, retry))
+            raw = [next(again) if isinstance(r, NoScriptError) else r for r in raw]
+        return [_result(r) for r in raw]
+
+    @staticmethod
+    async def _pipeline(redis: Redis, sha: str, commits: list[Commit]) -> list[Any]:
+        async with redis.pipeline(transaction=False) as pipe:
+            for commit in commits:
+                pipe.evalsha(sha, len(commit.keys), *commit.keys, orjson.dumps(commit.spec))
+            return list(await pipe.execute(raise_on_error=False))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _result(raw: Any) -> CommitResult:
+    if isinstance(raw, Exception):
+        raise raw
+    outcome = Outcome(_text(raw[0]))
+    return CommitResult(outcome, _text(raw[1]) if len(raw) > 1 else None)

@@ -1,0 +1,22 @@
+"""Redis clients with settings that suit blocking stream readers."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+# Blocking reads (XREADGROUP BLOCK) must return well before the socket times out,
+# or redis-py would treat a quiet stream as a dead connection.
+SOCKET_TIMEOUT_S = 10.0
+MAX_BLOCK_MS = 2_000
+
+
+def connect(url: str, *, name: str | None = None) -> Redis:
+    """A client for ``url``; the caller closes it (``await client.aclose()``)."""
+    return Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=5.0,
+        health_check_interval=30,
+        client_name=name,
+        decode_responses=False,
+    )

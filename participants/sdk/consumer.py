@@ -1,0 +1,222 @@
+"""Consumer-group reading shared by the controller and every participant.
+
+:class:`GroupReader` reads new entries in batches, hands back entries that need
+another try (its own failures after a backoff, a dead peer's after
+``claim_idle_ms``), and dead-letters entries that failed too often — each with
+the reason, the original fields and the delivery count, acked in the same atomic
+commit so the consumer keeps going.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from contracts import naming
+from participants.sdk.commit import Commit, CommitScript
+from participants.sdk.connection import MAX_BLOCK_MS
+
+log = logging.getLogger(__name__)
+
+DLQ_FIELD_PREFIX = "f:"
+
+
+@dataclass(frozen=True)
+class Entry:
+    stream: str
+    id: str
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+    @property
+    def partition(self) -> int:
+        return naming.partition_of_key(self.stream)
+
+    def field(self, name: str) -> str | None:
+        raw = self.fields.get(name.encode())
+        return raw.decode(errors="replace") if raw is not None else None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a pending entry is tried again, and when it is given up."""
+
+    max_deliveries: int = 5
+    base_ms: int = 500
+    max_ms: int = 30_000
+    claim_idle_ms: int = 5_000  # a peer's entry idle this long is taken over
+
+    def due(self, deliveries: int, idle_ms: int, own: bool) -> bool:
+        if not own:
+            return idle_ms >= self.claim_idle_ms
+        return idle_ms >= min(self.base_ms * 2 ** max(deliveries - 1, 0), self.max_ms)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def dead_letter_commit(entry: Entry, group: str, consumer: str, reason: str) -> Commit:
+    """Move ``entry`` to its partition's dead-letter stream and ack it, atomically."""
+    fields: dict[str, str | bytes] = {
+        "reason": reason,
+        "source_stream": entry.stream,
+        "source_id": entry.id,
+        "group": group,
+        "consumer": consumer,
+        "deliveries": str(entry.deliveries),
+        "failed_at_ms": str(int(time.time() * 1000)),
+    }
+    for name, value in entry.fields.items():
+        fields[DLQ_FIELD_PREFIX + name.decode(errors="replace")] = value.decode(errors="replace")
+    return (
+        Commit()
+        .xadd(naming.dead_letter_stream(entry.partition), fields, maxlen=100_000)
+        .ack(entry.stream, group, entry.id)
+    )
+
+
+class GroupReader:
+    """Reads a set of streams as one consumer of one group."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        group: str,
+        consumer: str,
+        streams: Iterable[str],
+        *,
+        count: int = 200,
+        block_ms: int = 1_000,
+        policy: RetryPolicy | None = None,
+        script: CommitScript | None = None,
+    ) -> None:
+        self.redis = redis
+        self.group = group
+        self.consumer = consumer
+        self.streams = sorted(set(streams))
+        self.count = count
+        self.block_ms = min(block_ms, MAX_BLOCK_MS)
+        self.policy = policy or RetryPolicy()
+        self.script = script or CommitScript()
+
+    async def ensure_groups(self) -> None:
+        """Create the group on every stream (from the start of the stream, so no
+        message written before the first consumer started is missed)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
+            results = await pipe.execute(raise_on_error=False)
+        for stream, result in zip(self.streams, results, strict=True):
+            if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
+                raise RuntimeError(f"cannot create group {self.group!r} on {stream}: {result}")
+
+    async def read(self, block_ms: int | None = None) -> list[Entry]:
+        """New entries for this consumer (blocks up to ``block_ms`` when there are none)."""
+        block = self.block_ms if block_ms is None else block_ms
+        try:
+            reply = await self.redis.xreadgroup(
+                self.group,
+                self.consumer,
+                {stream: ">" for stream in self.streams},
+                count=self.count,
+                block=block or None,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("consumer group %s vanished; creating it again", self.group)
+            await self.ensure_groups()
+            return []
+        return [
+            Entry(_text(stream), _text(entry_id), fields or {})
+            for stream, entries in reply or []
+            for entry_id, fields in entries
+        ]
+
+    async def pending(self) -> tuple[list[Entry], list[Entry]]:
+        """(entries due for another try, entries that have failed too often).
+
+        Both are claimed by this consumer; the caller processes the first and
+        dead-letters the second.
+        """
+        floor = min(self.policy.base_ms, self.policy.claim_idle_ms)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xpending_range(stream, self.group, "-", "+", self.count, idle=floor)
+            summaries = await pipe.execute(raise_on_error=False)
+        due: dict[str, list[tuple[str, int]]] = {}
+        for stream, rows in zip(self.streams, summaries, strict=True):
+            if isinstance(rows, Exception):
+                continue
+            for row in rows:
+                own = _text(row["consumer"]) == self.consumer
+                deliveries = int(row["times_delivered"])
+                if self.policy.due(deliveries, int(row["time_since_delivered"]), own):
+                    due.setdefault(stream, []).append((_text(row["message_id"]), deliveries))
+        if not due:
+            return [], []
+        retry: list[Entry] = []
+        exhausted: list[Entry] = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, rows in due.items():
+                pipe.xclaim(stream, self.group, self.consumer, floor, [entry_id for entry_id, _ in rows])
+            claimed = await pipe.execute(raise_on_error=False)
+        vanished: list[tuple[str, str]] = []
+        for (stream, rows), entries in zip(due.items(), claimed, strict=True):
+            if isinstance(entries, Exception):
+                log.warning("cannot claim from %s: %s", stream, entries)
+                continue
+            counts = dict(rows)
+            found = {_text(entry_id): fields for entry_id, fields in entries if fields is not None}
+            for entry_id, previous in counts.items():
+                if entry_id not in found:
+                    vanished.append((stream, entry_id))  # trimmed or deleted; nothing to do
+                    continue
+                entry = Entry(stream, entry_id, found[entry_id], previous + 1)
+                (exhausted if previous >= self.policy.max_deliveries else retry).append(entry)
+        if vanished:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, entry_id in vanished:
+                    pipe.xack(stream, self.group, entry_id)
+                await pipe.execute(raise_on_error=False)
+        return retry, exhausted
+
+    async def dead_letter(self, entries: list[tuple[Entry, str]]) -> None:
+        """Dead-letter each (entry, reason) and ack it."""
+        for entry, reason in entries:
+            log.warning(
+                "dead-lettering %s %s from %s after %d deliveries: %s",
+                entry.field(naming.FIELD_TYPE),
+                entry.id,
+                entry.stream,
+                entry.deliveries,
+                reason,
+                extra={"correlation_id": entry.field(naming.FIELD_CORRELATION_ID)},
+            )
+        await self.script.run(
+            self.redis, [dead_letter_commit(entry, self.group, self.consumer, reason) for entry, reason in entries]
+        )
+
+    async def ack(self, entries: list[Entry]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.xack(entry.stream, self.group, entry.id)
+            await pipe.execute()
+
+
+def entries_by_stream(entries: list[Entry]) -> dict[str, list[Entry]]:
+    grouped: dict[str, list[Entry]] = {}
+    for entry in entries:
+        grouped.setdefault(entry.stream, []).append(entry)
+    return grouped
+
+
+def decode_fields(raw: dict[Any, Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in raw.items()}
