@@ -45,7 +45,7 @@ class StepDefinition(BaseModel):
     compensation: CompensationDefinition | None = None
     orchestrated: bool = Field(
         default=False,
-        description="the controller sends `command` to the participant instead of the participant reacting to `trigger`",
+        description="the controller sends `command` instead of the participant reacting to `trigger`",
     )
     command: str | None = Field(default=None, description="command type of an orchestrated step")
 

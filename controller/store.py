@@ -112,9 +112,8 @@ class WorkflowStore:
             commit.xadd(naming.message_stream(p, message.type), encode(message))
         for entry in result.history:
             commit.xadd(naming.progress_stream(p), _progress(instance, entry), maxlen=PROGRESS_MAXLEN)
-        if before is None or before.status != instance.status:
-            if before is not None:
-                commit.zrem(naming.status_index_key(p, before.status), instance.id)
+        if before is not None and before.status != instance.status:
+            commit.zrem(naming.status_index_key(p, before.status), instance.id)
         commit.zadd(naming.status_index_key(p, instance.status), _ms(instance.updated_at), instance.id)
         if instance.status in TERMINAL:
             for key in (inst_key, seen, hist):

@@ -45,7 +45,7 @@ async def eventually(
     probe: Callable[[], Awaitable[T]],
     until: Callable[[T], bool],
     *,
-    timeout: float = 15.0,
+    timeout: float = 15.0,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope
     interval: float = 0.02,
     what: str = "condition",
 ) -> T:

@@ -55,7 +55,8 @@ class RetryPolicy:
     def due(self, deliveries: int, idle_ms: int, own: bool) -> bool:
         if not own:
             return idle_ms >= self.claim_idle_ms
-        return idle_ms >= min(self.base_ms * 2 ** max(deliveries - 1, 0), self.max_ms)
+        backoff: int = min(self.base_ms * 2 ** max(deliveries - 1, 0), self.max_ms)
+        return idle_ms >= backoff
 
 
 def _text(value: bytes | str) -> str:
@@ -121,7 +122,7 @@ class GroupReader:
         """New entries for this consumer (blocks up to ``block_ms`` when there are none)."""
         block = self.block_ms if block_ms is None else block_ms
         try:
-            reply = await self.redis.xreadgroup(
+            reply: Any = await self.redis.xreadgroup(
                 self.group,
                 self.consumer,
                 {stream: ">" for stream in self.streams},

@@ -1,0 +1,140 @@
+"""``python -m bench``: streamsaga's throughput and latency, and the baseline's."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import orjson
+
+from bench import report
+from bench.processes import ChildFailed
+from bench.run import BenchError, Options, run
+
+
+def parse(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
+    defaults = Options()
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=(
+            "Start an embedded Redis, the streamsaga controller and the four example workers as separate "
+            "processes; push orders through POST /v1/orders in a closed loop and at a fixed offered rate; "
+            "then run the same choreography written directly on redis.asyncio (the baseline) and print "
+            "completed workflows/s, end-to-end latency p50/p95/p99/max and our throughput as a ratio of the "
+            "baseline's."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    load = parser.add_argument_group("load")
+    load.add_argument("--orders", type=int, default=defaults.orders, help="orders in the measured closed loop")
+    load.add_argument("--concurrency", type=int, default=defaults.concurrency, help="closed-loop clients")
+    load.add_argument("--rate", type=float, default=defaults.rate, help="open-loop offered rate, orders/s")
+    load.add_argument("--duration", type=float, default=defaults.duration, help="open-loop duration, seconds")
+    load.add_argument("--warmup", type=int, default=defaults.warmup, help="unmeasured closed-loop orders first")
+    load.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds one workflow may take")
+    system = parser.add_argument_group("system under test")
+    system.add_argument("--partitions", type=int, default=defaults.partitions)
+    system.add_argument("--redis-url", help="use this Redis instead of starting an embedded one (it gets written to)")
+    system.add_argument("--worker-concurrency", type=int, help="--concurrency of every worker (default: theirs)")
+    system.add_argument(
+        "--controller-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `streamsaga controller` (repeatable)",
+    )
+    system.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for every `streamsaga worker` (repeatable)",
+    )
+    phases = parser.add_argument_group("what to run")
+    phases.add_argument("--skip-baseline", action="store_true", help="do not run the baseline")
+    phases.add_argument("--skip-streamsaga", action="store_true", help="run only the baseline")
+    phases.add_argument("--skip-open-loop", action="store_true", help="run no open loop")
+    phases.add_argument(
+        "--baseline-steps",
+        type=int,
+        default=defaults.baseline_steps,
+        help="stages of the baseline choreography (the order saga has 4; 3 stops after shipping)",
+    )
+    phases.add_argument("--batch", type=int, default=defaults.batch, help="baseline XREADGROUP COUNT")
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    output.add_argument("--log-dir", type=Path, help="keep the processes' logs here (default: a temporary dir)")
+    output.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy record the controller and the payment worker during the closed loop into DIR",
+    )
+    output.add_argument("--check", action="store_true", help="exit 1 if a target is not met")
+    output.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if args.orders < 1 or args.concurrency < 1 or args.rate <= 0 or args.duration <= 0 or args.warmup < 1:
+        parser.error("--orders, --concurrency, --rate, --duration and --warmup must be positive")
+    if args.partitions < 1:
+        parser.error("--partitions must be positive")
+    options = Options(
+        orders=args.orders,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        duration=args.duration,
+        warmup=args.warmup,
+        partitions=args.partitions,
+        redis_url=args.redis_url,
+        skip_baseline=args.skip_baseline,
+        skip_streamsaga=args.skip_streamsaga,
+        skip_open_loop=args.skip_open_loop,
+        baseline_steps=args.baseline_steps,
+        batch=args.batch,
+        worker_concurrency=args.worker_concurrency,
+        timeout=args.timeout,
+        log_dir=args.log_dir,
+        profile_dir=args.profile,
+        extra_controller_args=args.controller_arg,
+        extra_worker_args=args.worker_arg,
+    )
+    return options, args
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM unwinds like Ctrl-C, so every child and the Redis are stopped
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    options, args = parse(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result = run(options)
+    except KeyboardInterrupt:
+        print("interrupted; every process was stopped", file=sys.stderr)
+        return 130
+    except (BenchError, ChildFailed) as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report.as_json(result), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(report.as_text(result))
+    if any(phase.not_completed for phase in result.phases):
+        return 2
+    if args.check and not all(check["met"] for check in report.targets(result).values()):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The HTTP API: its routes, their handlers, and the one middleware that answers
+every error with an ``application/problem+json`` document (see :mod:`controller.errors`).
+
+The process state the handlers use lives on the application under the typed keys
+below; :func:`controller.app.create_app` fills them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from contracts.definitions import ORDER_SAGA, WorkflowDefinition
+from contracts.envelope import utcnow
+from contracts.messages import PAYLOADS, OrderIn
+from controller.definitions import Definitions, UnknownWorkflow
+from controller.errors import (
+    ApiError,
+    BodyTooLarge,
+    DefinitionNotFound,
+    FieldError,
+    IdempotencyKeyReused,
+    InvalidInput,
+    MalformedBody,
+    MethodNotAllowed,
+    RouteNotFound,
+    Unavailable,
+    UnsupportedMediaType,
+    WorkflowNotFound,
+)
+from controller.instance import Instance, WorkflowStatus
+from controller.store import IdempotencyConflict, WorkflowStore
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+MAX_LIST_LIMIT = 1_000
+JSON = "application/json"
+PROBLEM_JSON = "application/problem+json"
+PING_TIMEOUT_S = 2.0
+
+REDIS = web.AppKey("redis", Redis)
+STORE = web.AppKey("store", WorkflowStore)
+DEFINITIONS = web.AppKey("definitions", Definitions)
+CONTRACTS = web.AppKey("contracts", bytes)  # the JSON Schemas, serialised once
+CORRELATOR_READY = web.AppKey("correlator_ready", asyncio.Event)  # set while the correlator's groups exist and it runs
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+# W3C Trace Context: version-traceid-parentid-flags; an invalid header is ignored, as the spec asks.
+_TRACEPARENT = re.compile(r"^(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$")
+
+routes = web.RouteTableDef()
+
+
+# --- errors ------------------------------------------------------------------------
+
+
+class _HttpError(ApiError):
+    """An error aiohttp raised itself (for instance a malformed request line)."""
+
+    slug = "http"
+
+    def __init__(self, exc: web.HTTPException) -> None:
+        super().__init__(exc.text or exc.reason)
+        self.status = exc.status
+        self.title = exc.reason
+
+
+@web.middleware
+async def problems(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Render every error as an RFC 9457 problem document — the only place errors become HTTP."""
+    headers: dict[str, str] = {}
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        error = exc
+    except web.HTTPRequestEntityTooLarge:
+        error = BodyTooLarge(MAX_BODY_BYTES)
+    except web.HTTPNotFound:
+        error = RouteNotFound(request.path)
+    except web.HTTPMethodNotAllowed as exc:
+        error = MethodNotAllowed(request.method, exc.allowed_methods)
+        headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = _HttpError(exc)
+    except RedisError as exc:
+        log.warning("%s %s: Redis failed: %s", request.method, request.path, exc)
+        error = Unavailable(f"Redis did not answer: {exc}")
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        error = ApiError("an unexpected error occurred; the controller's log has the details")
+    if error.status >= 500 and not isinstance(error, Unavailable):  # Unavailable was logged where it arose
+        log.warning("%s %s -> %d: %s", request.method, request.path, error.status, error.detail)
+    else:
+        log.debug("%s %s -> %d: %s", request.method, request.path, error.status, error.detail)
+    return _problem(error, request, headers)
+
+
+def _problem(error: ApiError, request: web.Request, headers: dict[str, str]) -> web.Response:
+    errors = error.errors or ([FieldError(error.field, error.detail)] if error.field else [])
+    body = {
+        "type": error.type,
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail,
+        "instance": request.path,
+        "field": error.field,
+        "errors": [{"field": e.field, "message": e.message} for e in errors],
+        **error.extensions(),
+    }
+    return web.Response(status=error.status, body=orjson.dumps(body), content_type=PROBLEM_JSON, headers=headers)
+
+
+# --- request and response helpers --------------------------------------------------
+
+
+def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type=JSON, headers=headers)
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The parsed JSON body: 415 unless JSON, 413 beyond the size limit, 400 unless it parses."""
+    if request.content_type != JSON:
+        raise UnsupportedMediaType(request.headers.get("Content-Type", "(none)"), JSON)
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise BodyTooLarge(MAX_BODY_BYTES)
+    raw = await request.read()  # aiohttp stops at client_max_size; the middleware maps that to 413
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedBody(f"the body is not valid JSON: {exc}") from None
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+        raise InvalidInput.of("Idempotency-Key", "must be 1 to 200 visible ASCII characters")
+    return key
+
+
+def _traceparent(request: web.Request) -> str | None:
+    value = request.headers.get("traceparent")
+    return value if value is not None and _TRACEPARENT.match(value.strip().lower()) else None
+
+
+def _links(workflow_id: str) -> dict[str, str]:
+    self_ = f"/v1/workflows/{workflow_id}"
+    return {"self": self_, "history": f"{self_}/history"}
+
+
+_SUMMARY_FIELDS = {"workflow", "status", "created_at", "updated_at", "finished_at", "error"}
+
+
+def _summary(instance: Instance) -> dict[str, Any]:
+    data = instance.model_dump(mode="json", include=_SUMMARY_FIELDS)
+    return {"workflow_id": instance.id, **data, "links": _links(instance.id)}
+
+
+def _detail(instance: Instance) -> dict[str, Any]:
+    data = instance.model_dump(mode="json", exclude={"id", "request_hash", "events"})
+    return {"workflow_id": instance.id, **data, "links": _links(instance.id)}
+
+
+async def _load(request: web.Request) -> Instance:
+    workflow_id = request.match_info["id"]
+    instance = await request.app[STORE].load(workflow_id)
+    if instance is None:
+        raise WorkflowNotFound(workflow_id)
+    return instance
+
+
+async def _start(request: web.Request, definition: WorkflowDefinition, payload: dict[str, Any]) -> web.Response:
+    key = _idempotency_key(request)
+    try:
+        instance, created = await request.app[STORE].start(
+            definition, payload, utcnow(), idempotency_key=key, traceparent=_traceparent(request)
+        )
+    except IdempotencyConflict as exc:
+        raise IdempotencyKeyReused(exc.key) from None
+    log.info(
+        "%s %s workflow %s",
+        "started" if created else "replayed",
+        definition.name,
+        instance.id,
+        extra={"correlation_id": instance.id},
+    )
+    links = _links(instance.id)
+    headers = {"Location": links["self"]}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    body = {"workflow_id": instance.id, "status": instance.status.value, "links": links}
+    return _json(body, status=202, headers=headers)
+
+
+# --- routes ------------------------------------------------------------------------
+
+
+@routes.post("/v1/orders")
+async def start_order(request: web.Request) -> web.Response:
+    """Start an order saga; the body is an ``OrderIn``."""
+    body = await _json_body(request)
+    try:
+        order = OrderIn.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidInput.from_validation(exc) from None
+    definition = request.app[DEFINITIONS].latest(ORDER_SAGA.name)
+    return await _start(request, definition, {"order": order.model_dump(mode="json", exclude_none=True)})
+
+
+@routes.post("/v1/workflows/{name}")
+async def start_workflow(request: web.Request) -> web.Response:
+    """Start any defined workflow; the body is the payload of its start event, as is."""
+    name = request.match_info["name"]
+    definitions = request.app[DEFINITIONS]
+    try:
+        definition = definitions.latest(name)
+    except UnknownWorkflow:
+        raise DefinitionNotFound(name, definitions.names()) from None
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise InvalidInput.of("body", f"must be a JSON object: the payload of {definition.start}")
+    model = PAYLOADS.get(definition.start)  # a type without a registered model takes any object
+    if model is not None:
+        try:
+            model.model_validate(body)
+        except ValidationError as exc:
+            raise InvalidInput.from_validation(exc) from None
+    return await _start(request, definition, body)
+
+
+@routes.get("/v1/workflows")
+async def list_workflows(request: web.Request) -> web.Response:
+    """The most recently updated workflows, newest first; ``?status=`` filters, ``?limit=`` caps."""
+    status: WorkflowStatus | None = None
+    if (raw_status := request.query.get("status")) is not None:
+        try:
+            status = WorkflowStatus(raw_status)
+        except ValueError:
+            known = ", ".join(s.value for s in WorkflowStatus)
+            raise InvalidInput.of("status", f"unknown status {raw_status!r}; one of {known}") from None
+    raw_limit = request.query.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+        raise InvalidInput.of("limit", f"must be an integer from 1 to {MAX_LIST_LIMIT}, not {raw_limit!r}")
+    instances = await request.app[STORE].list(status, int(raw_limit))
+    return _json({"workflows": [_summary(instance) for instance in instances]})
+
+
+@routes.get("/v1/workflows/{id}")
+async def get_workflow(request: web.Request) -> web.Response:
+    """A workflow's state: status, error, and each step with its timestamps."""
+    return _json(_detail(await _load(request)))
+
+
+@routes.get("/v1/workflows/{id}/history")
+async def get_history(request: web.Request) -> web.Response:
+    """Every message a workflow received or sent, oldest first."""
+    instance = await _load(request)
+    entries = await request.app[STORE].history(instance.id)
+    return _json({"workflow_id": instance.id, "events": [entry.model_dump(mode="json") for entry in entries]})
+
+
+@routes.get("/v1/contracts")
+async def get_contracts(request: web.Request) -> web.Response:
+    """The wire contract as JSON Schemas, by name (see :mod:`contracts.schema`)."""
+    return web.Response(body=request.app[CONTRACTS], content_type=JSON)
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive and serving."""
+    return _json({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when Redis answers PING and the correlator's consumer groups are prepared."""
+    checks = {"redis": await _pings(request.app[REDIS]), "correlator": request.app[CORRELATOR_READY].is_set()}
+    if not all(checks.values()):
+        failing = ", ".join(name for name, ok in checks.items() if not ok)
+        raise Unavailable(f"not ready: {failing}", checks=checks)
+    return _json({"status": "ready", "checks": checks})
+
+
+async def _pings(redis: Redis) -> bool:
+    try:
+        async with asyncio.timeout(PING_TIMEOUT_S):
+            return bool(await redis.ping())
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("readiness: Redis PING failed: %s", exc)
+        return False

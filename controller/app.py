@@ -1,0 +1,127 @@
+"""The controller process: the aiohttp application, its lifecycles, and serving it.
+
+``create_app(settings)`` builds the application; its ``cleanup_ctx`` opens the
+Redis clients and runs the correlator as a background task, and on shutdown sets
+the correlator's ``stop``, awaits the task and closes every client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from contracts.schema import schemas
+from controller import api
+from controller.correlator import Correlator
+from controller.definitions import Definitions
+from controller.settings import ControllerSettings
+from controller.store import WorkflowStore
+from participants.sdk.connection import connect
+from participants.sdk.consumer import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", ControllerSettings)
+RECONNECT_S = 1.0
+STOP_GRACE_S = 5.0
+
+
+def create_app(settings: ControllerSettings) -> web.Application:
+    """The controller's HTTP application; the correlator runs while the app does.
+
+    Raises ``OSError`` or ``pydantic.ValidationError`` if ``settings.definitions_path``
+    cannot be read or holds invalid definitions.
+    """
+    app = web.Application(client_max_size=api.MAX_BODY_BYTES, middlewares=[api.problems])
+    app[SETTINGS] = settings
+    app[api.DEFINITIONS] = Definitions.load(settings.definitions_path)
+    app[api.CONTRACTS] = orjson.dumps(schemas())
+    app[api.CORRELATOR_READY] = asyncio.Event()
+    app.add_routes(api.routes)
+    app.cleanup_ctx.append(_redis)
+    app.cleanup_ctx.append(_correlator)
+    return app
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client = connect(settings.redis_url, name=f"streamsaga-controller-{settings.consumer}")
+    app[api.REDIS] = client
+    app[api.STORE] = WorkflowStore(client, settings.partitions, retention_s=settings.retention_s)
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
+async def _correlator(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    # Blocking XREADGROUP gets a client of its own so it never holds up the API's commands.
+    reader = connect(settings.redis_url, name=f"streamsaga-correlator-{settings.consumer}")
+    correlator = Correlator(
+        reader,
+        app[api.STORE],
+        app[api.DEFINITIONS],
+        settings.consumer,
+        batch=settings.batch,
+        block_ms=settings.block_ms,
+        policy=RetryPolicy(max_deliveries=settings.max_deliveries, claim_idle_ms=settings.claim_idle_ms),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(_run_correlator(correlator, stop, app[api.CORRELATOR_READY]), name="correlator")
+    try:
+        yield
+    finally:
+        stop.set()
+        try:
+            # a blocked read returns within block_ms; give it that and a margin
+            await asyncio.wait_for(asyncio.shield(task), settings.block_ms / 1000 + STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("the correlator did not stop in time; cancelling it")
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            await reader.aclose()
+
+
+async def _run_correlator(correlator: Correlator, stop: asyncio.Event, ready: asyncio.Event) -> None:
+    """Prepare the consumer groups (waiting for Redis if need be), then correlate until ``stop``."""
+    try:
+        while not stop.is_set():
+            try:
+                await correlator.prepare()
+                ready.set()
+                await correlator.run(stop)
+            except (RedisError, OSError) as exc:
+                ready.clear()
+                log.warning("correlator cannot reach Redis (%s); trying again in %.0fs", exc, RECONNECT_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RECONNECT_S)
+    finally:
+        ready.clear()
+
+
+async def serve(settings: ControllerSettings, stop: asyncio.Event) -> None:
+    """Serve the API on ``settings.host:settings.port`` until ``stop`` is set, then shut down gracefully."""
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        log.info(
+            "controller %s serving http://%s:%d (%d partitions)",
+            settings.consumer,
+            settings.host,
+            settings.port,
+            settings.partitions,
+        )
+        await stop.wait()
+        log.info("controller %s stopping", settings.consumer)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,47 @@
+"""The controller process's configuration: one typed object, built at the entry point."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contracts.naming import DEFAULT_PARTITIONS
+
+REDIS_URL_ENV = "STREAMSAGA_REDIS_URL"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_PORT = 8080
+
+
+def default_consumer() -> str:
+    """A consumer name that is stable for the life of this process and unique per host."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """Everything a controller process needs; pass it to :func:`controller.app.create_app`."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    partitions: int = DEFAULT_PARTITIONS
+    consumer: str = field(default_factory=default_consumer)
+    batch: int = 200
+    block_ms: int = 1_000
+    retention_s: int = 7 * 86_400
+    definitions_path: Path | None = None
+    claim_idle_ms: int = 5_000
+    max_deliveries: int = 5
+
+    def __post_init__(self) -> None:
+        if self.partitions < 1:
+            raise ValueError(f"partitions must be at least 1, not {self.partitions}")
+        if not 0 <= self.port <= 65_535:
+            raise ValueError(f"port must be within 0..65535, not {self.port}")
+        for name in ("batch", "block_ms", "retention_s", "claim_idle_ms", "max_deliveries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if not self.consumer:
+            raise ValueError("consumer must not be empty")

@@ -1,0 +1,607 @@
+"""Runs a participant against Redis Streams.
+
+One :class:`~participants.sdk.consumer.GroupReader` reads every subscribed
+stream of every partition (one XREADGROUP).  Each batch is decoded once, checked
+against the participant's outcome records (one pipelined EXISTS), handled with
+bounded concurrency, and committed in one pipeline of atomic commits: per entry,
+the outcome record, the emitted replies and the XACK, all or nothing.  So an
+entry is acknowledged only once its outcome is durably emitted, and a redelivery
+is acknowledged without running the handler again.
+
+Beside the read loop a maintenance loop
+
+* keeps this consumer's in-flight and deferred entries from looking idle
+  (``XCLAIM … JUSTID`` to itself: resets the idle time, not the delivery count),
+  so neither its own backoff nor a peer's takeover picks them up while they are
+  being handled;
+* lets entries deferred by ``Retry(delay)`` become due once the delay is over;
+* asks :meth:`GroupReader.pending` for entries due for another try (its own
+  failures after a backoff, a dead peer's after ``claim_idle_ms``) and for entries
+  that failed too often, which it dead-letters with the last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from types import TracebackType
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from contracts import naming
+from contracts.envelope import DecodeError, Envelope, decode, derived_message_id, encode, utcnow
+from contracts.messages import PayloadError, validate_payload
+from participants.sdk.commit import Commit, CommitScript, Outcome
+from participants.sdk.connection import connect
+from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit
+from participants.sdk.errors import Reject, Retry
+from participants.sdk.participant import Message, Participant, Reply
+
+log = logging.getLogger(__name__)
+
+OUTCOME_TTL_S = 7 * 86_400
+MAX_BLOCK_MS = 1_000
+_PAUSE_AFTER_ERROR_S = 0.5
+
+_Key = tuple[str, str]  # (stream, entry id)
+
+
+def default_consumer() -> str:
+    """A consumer name stable for the life of this process: ``<host>-<pid>``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """How a participant reads, retries and gives up."""
+
+    redis_url: str
+    partitions: int = naming.DEFAULT_PARTITIONS
+    consumer: str = field(default_factory=default_consumer)
+    concurrency: int = 64
+    """Handlers in flight at once."""
+    batch: int = 200
+    """Entries per XREADGROUP."""
+    block_ms: int = MAX_BLOCK_MS
+    max_deliveries: int = 5
+    retry_base_ms: int = 500
+    """Backoff before the second try; it doubles with every further try."""
+    retry_max_ms: int = 30_000
+    claim_idle_ms: int = 5_000
+    """A peer's entry idle this long is taken over (the peer is presumed dead)."""
+    pending_interval_s: float = 0.5
+    handler_timeout_s: float = 60.0
+    heartbeat_interval_s: float = 5.0
+    outcome_ttl_s: int = OUTCOME_TTL_S
+    """How long an outcome record (the idempotency key of one handled message) is kept."""
+
+    def __post_init__(self) -> None:
+        for name in ("partitions", "concurrency", "batch", "block_ms", "max_deliveries", "retry_base_ms"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value!r}")
+        if self.block_ms > MAX_BLOCK_MS:
+            raise ValueError(f"block_ms must be at most {MAX_BLOCK_MS}, got {self.block_ms!r}")
+        for name in ("pending_interval_s", "handler_timeout_s", "heartbeat_interval_s", "outcome_ttl_s"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if self.claim_idle_ms < 2 * self.pending_interval_s * 1000:
+            # in-flight entries are refreshed once per pending interval; a shorter
+            # claim time would let peers take over entries that are being handled
+            raise ValueError(
+                f"claim_idle_ms ({self.claim_idle_ms}) must be at least twice pending_interval_s "
+                f"({self.pending_interval_s}s)"
+            )
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_deliveries=self.max_deliveries,
+            base_ms=self.retry_base_ms,
+            max_ms=self.retry_max_ms,
+            claim_idle_ms=self.claim_idle_ms,
+        )
+
+
+@dataclass
+class RunnerStats:
+    """Counters since the runner started (also published in its heartbeat)."""
+
+    handled: int = 0
+    emitted: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+
+
+@dataclass(frozen=True)
+class _Handled:
+    outgoing: list[Envelope]
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Failed:
+    reason: str
+    delay: float | None
+
+
+_Result = _Handled | _Rejected | _Failed
+
+
+class _Kind(StrEnum):
+    OUTCOME = "outcome"
+    DUPLICATE = "duplicate"
+    DEAD_LETTER = "dead-letter"
+
+
+class Runner:
+    """Runs one participant as one consumer.
+
+    An async context manager: entering connects, creates the consumer groups and
+    starts the heartbeat; leaving stops every background task and closes the
+    client.  :meth:`run` reads until ``stop`` is set, then drains::
+
+        async with Runner(participant, settings) as runner:
+            await runner.run(stop)
+    """
+
+    def __init__(
+        self,
+        participant: Participant,
+        settings: RunnerSettings,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        if not participant.types:
+            raise ValueError(f"participant {participant.name!r} handles no message types")
+        self.participant = participant
+        self.settings = settings
+        self.clock = clock
+        self.group = naming.participant_group(participant.name)
+        self.policy = settings.policy()
+        self.stats = RunnerStats()
+        self._script = CommitScript()
+        self._redis: Redis | None = None
+        self._reader: GroupReader | None = None
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._running = 0  # handlers submitted and not finished (bounds reading)
+        self._capacity = asyncio.Event()
+        self._capacity.set()
+        self._in_flight: set[_Key] = set()
+        self._not_before: dict[_Key, float] = {}  # Retry(delay): monotonic time of the next try
+        self._last_error: dict[_Key, str] = {}
+        self._batches: set[asyncio.Task[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._started_ms = int(time.time() * 1000)
+
+    @property
+    def redis(self) -> Redis:
+        if self._redis is None:
+            raise RuntimeError("the runner is not started; use `async with Runner(...)`")
+        return self._redis
+
+    @property
+    def reader(self) -> GroupReader:
+        if self._reader is None:
+            raise RuntimeError("the runner is not started; use `async with Runner(...)`")
+        return self._reader
+
+    @property
+    def heartbeat_field(self) -> str:
+        return f"{self.participant.name}/{self.settings.consumer}"
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def __aenter__(self) -> Runner:
+        settings = self.settings
+        self._redis = connect(settings.redis_url, name=f"{self.participant.name}:{settings.consumer}")
+        try:
+            self._reader = GroupReader(
+                self._redis,
+                self.group,
+                settings.consumer,
+                self.participant.streams(settings.partitions),
+                count=settings.batch,
+                block_ms=settings.block_ms,
+                policy=self.policy,
+                script=self._script,
+            )
+            await self._reader.ensure_groups()
+            await self._beat()
+        except BaseException:
+            await self._redis.aclose()
+            self._redis = None
+            raise
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name=f"{self.heartbeat_field} heartbeat")
+        log.info(
+            "%s started as consumer %s on %d streams (%s)",
+            self.participant.name,
+            settings.consumer,
+            len(self.reader.streams),
+            ", ".join(self.participant.types),
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await _cancel([*self._batches, *([self._heartbeat] if self._heartbeat else [])])
+        self._heartbeat = None
+        redis = self.redis
+        try:
+            await redis.hdel(naming.heartbeat_key(), self.heartbeat_field)
+        except RedisError as error:
+            log.warning("could not remove the heartbeat of %s: %s", self.heartbeat_field, error)
+        finally:
+            await redis.aclose()
+            self._redis = None
+            self._reader = None
+        log.info("%s stopped (%s)", self.heartbeat_field, self.stats)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Read and handle until ``stop`` is set; then finish the messages in
+        flight and commit their outcomes before returning."""
+        maintenance = asyncio.create_task(self._maintenance_loop(stop), name=f"{self.heartbeat_field} pending")
+        try:
+            await self._read_loop(stop)
+            if self._batches:
+                log.info("%s draining %d messages in flight", self.heartbeat_field, len(self._in_flight))
+            await self._drain()
+        finally:
+            await _cancel([maintenance])
+            await _cancel(list(self._batches))  # only left when run() itself is cancelled
+
+    async def _drain(self) -> None:
+        while self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
+
+    # --- reading ---------------------------------------------------------------
+
+    async def _read_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not self._capacity.is_set():
+                await _wait(self._capacity, self.settings.block_ms / 1000)
+                continue
+            try:
+                entries = await self.reader.read()
+            except RedisError as error:
+                log.warning("%s cannot read (%s); trying again", self.heartbeat_field, error)
+                await _wait(stop, _PAUSE_AFTER_ERROR_S)
+                continue
+            if entries:
+                self._spawn(entries)
+
+    def _spawn(self, entries: list[Entry]) -> None:
+        self._in_flight.update((entry.stream, entry.id) for entry in entries)
+        self._take(len(entries))
+        task = asyncio.create_task(self._process_guarded(entries))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    def _take(self, slots: int) -> None:
+        self._running += slots
+        if self._running >= self.settings.concurrency:
+            self._capacity.clear()
+
+    def _give(self, slots: int) -> None:
+        self._running -= slots
+        if self._running < self.settings.concurrency:
+            self._capacity.set()
+
+    # --- one batch -----------------------------------------------------------------
+
+    async def _process_guarded(self, entries: list[Entry]) -> None:
+        try:
+            await self._process(entries)
+        except RedisError as error:
+            log.warning("a batch of %d entries was not committed (%s); it will be retried", len(entries), error)
+        except Exception:
+            # a bug, not a message's fault: the entries stay pending and are retried
+            log.exception("a batch of %d entries failed; it will be retried", len(entries))
+
+    async def _process(self, entries: list[Entry]) -> None:
+        held = len(entries)  # reading slots this batch holds until its handlers run
+        try:
+            commits: list[Commit] = []
+            kinds: list[tuple[_Kind, int]] = []  # per commit: what it is and how many messages it emits
+            valid: list[tuple[Entry, Envelope]] = []
+            for entry in entries:
+                try:
+                    valid.append((entry, self._decode(entry)))
+                except (DecodeError, PayloadError) as error:
+                    commits.append(self._dead_letter_commit(entry, error.reason))
+                    kinds.append((_Kind.DEAD_LETTER, 0))
+            fresh: list[tuple[Entry, Envelope]] = []
+            for (entry, envelope), done in zip(valid, await self._already_handled(valid), strict=True):
+                if done:
+                    commits.append(Commit().ack(entry.stream, self.group, entry.id))
+                    kinds.append((_Kind.DUPLICATE, 0))
+                else:
+                    fresh.append((entry, envelope))
+            # the same message twice in one batch (a producer's retried XADD) runs once;
+            # the second entry's commit then finds the outcome record and only acks
+            first: dict[str, tuple[Entry, Envelope]] = {}
+            for entry, envelope in fresh:
+                first.setdefault(envelope.message_id, (entry, envelope))
+            self._give(held - len(first))
+            held = len(first)
+            async with asyncio.TaskGroup() as handlers:
+                tasks = {}
+                for message_id, (entry, envelope) in first.items():
+                    task = handlers.create_task(self._handle(entry, envelope))
+                    task.add_done_callback(lambda _: self._give(1))
+                    tasks[message_id] = task
+                held = 0
+            for entry, envelope in fresh:
+                result = tasks[envelope.message_id].result()
+                if isinstance(result, _Handled):
+                    commits.append(self._outcome_commit(entry, envelope, result.outgoing))
+                    kinds.append((_Kind.OUTCOME, len(result.outgoing)))
+                elif isinstance(result, _Rejected):
+                    commits.append(self._dead_letter_commit(entry, result.reason))
+                    kinds.append((_Kind.DEAD_LETTER, 0))
+                elif entry.deliveries >= self.policy.max_deliveries:
+                    reason = f"gave up after {entry.deliveries} deliveries: {result.reason}"
+                    commits.append(self._dead_letter_commit(entry, reason))
+                    kinds.append((_Kind.DEAD_LETTER, 0))
+                else:
+                    self._remember_failure(entry, result)
+            self._count(kinds, await self._script.run(self.redis, commits))
+            for entry in entries:
+                if (entry.stream, entry.id) not in self._not_before:
+                    self._last_error.pop((entry.stream, entry.id), None)
+        finally:
+            self._give(held)
+            self._in_flight.difference_update((entry.stream, entry.id) for entry in entries)
+
+    def _decode(self, entry: Entry) -> Envelope:
+        stream_type = naming.type_of_stream(entry.stream)
+        envelope = decode(entry.fields)
+        if envelope.type != stream_type:
+            raise DecodeError(f"type {envelope.type!r} does not belong on the {stream_type} stream")
+        if naming.partition_of(envelope.correlation_id, self.settings.partitions) != entry.partition:
+            raise DecodeError(f"correlation_id {envelope.correlation_id!r} belongs to another partition")
+        validate_payload(envelope.type, envelope.payload)
+        return envelope
+
+    async def _already_handled(self, valid: list[tuple[Entry, Envelope]]) -> list[bool]:
+        if not valid:
+            return []
+        name = self.participant.name
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry, envelope in valid:
+                pipe.exists(naming.outcome_key(entry.partition, name, envelope.message_id))
+            return [bool(found) for found in await pipe.execute()]
+
+    async def _handle(self, entry: Entry, envelope: Envelope) -> _Result:
+        extra = {"correlation_id": envelope.correlation_id, "message_type": envelope.type, "attempt": entry.deliveries}
+        name = self.participant.name
+        async with self._slots:
+            msg = Message(envelope, self.redis, name, entry.stream, entry.id, entry.deliveries)
+            deadline = asyncio.timeout(self.settings.handler_timeout_s)
+            try:
+                async with deadline:
+                    replies = await self.participant.dispatch(msg)
+                return _Handled(self._outgoing(entry, envelope, replies))
+            except Reject as error:
+                return _Rejected(f"rejected by {name}: {error.reason}")
+            except Retry as error:
+                log.info(
+                    "%s will retry %s %s in %.3gs: %s", name, envelope.type, envelope.message_id, error.delay,
+                    error.reason, extra=extra,
+                )  # fmt: skip
+                return _Failed(f"retry requested: {error.reason}", error.delay)
+            except TimeoutError as error:
+                if not deadline.expired():
+                    return self._failed(entry, envelope, error, extra)
+                log.warning(
+                    "%s: handler of %s %s did not finish within %ss", name, envelope.type, envelope.message_id,
+                    self.settings.handler_timeout_s, extra=extra,
+                )  # fmt: skip
+                return _Failed(f"handler did not finish within {self.settings.handler_timeout_s}s", None)
+            except Exception as error:
+                return self._failed(entry, envelope, error, extra)
+
+    def _failed(self, entry: Entry, envelope: Envelope, error: Exception, extra: dict[str, object]) -> _Failed:
+        log.warning(
+            "%s: handler of %s %s failed on delivery %d: %s", self.participant.name, envelope.type,
+            envelope.message_id, entry.deliveries, error, exc_info=True, extra=extra,
+        )  # fmt: skip
+        return _Failed(f"{type(error).__name__}: {error}", None)
+
+    def _outgoing(self, entry: Entry, incoming: Envelope, replies: list[Reply]) -> list[Envelope]:
+        name = self.participant.name
+        now = self.clock()
+        outgoing: list[Envelope] = []
+        seen: dict[str, int] = {}
+        for reply in replies:
+            nth = seen.get(reply.type, 0)
+            seen[reply.type] = nth + 1
+            parts = (name, reply.type) if nth == 0 else (name, reply.type, str(nth))
+            payload = reply.payload_dict()
+            validate_payload(reply.type, payload)
+            outgoing.append(
+                Envelope(
+                    message_id=derived_message_id(incoming.message_id, *parts),
+                    type=reply.type,
+                    correlation_id=incoming.correlation_id,
+                    causation_id=incoming.message_id,
+                    workflow=incoming.workflow,
+                    producer=name,
+                    occurred_at=now,
+                    attempt=entry.deliveries,
+                    traceparent=incoming.traceparent,
+                    payload=payload,
+                )
+            )
+        return outgoing
+
+    def _outcome_commit(self, entry: Entry, incoming: Envelope, outgoing: list[Envelope]) -> Commit:
+        p = entry.partition
+        record = orjson.dumps([message.message_id for message in outgoing]).decode()
+        commit = Commit().once(
+            naming.outcome_key(p, self.participant.name, incoming.message_id), record, ttl=self.settings.outcome_ttl_s
+        )
+        for message in outgoing:
+            commit.xadd(naming.message_stream(p, message.type), encode(message))
+        return commit.ack(entry.stream, self.group, entry.id)
+
+    def _dead_letter_commit(self, entry: Entry, reason: str) -> Commit:
+        log.warning(
+            "%s dead-letters %s %s from %s (delivery %d): %s", self.participant.name,
+            entry.field(naming.FIELD_TYPE), entry.id, entry.stream, entry.deliveries, reason,
+            extra={"correlation_id": entry.field(naming.FIELD_CORRELATION_ID), "attempt": entry.deliveries},
+        )  # fmt: skip
+        return dead_letter_commit(entry, self.group, self.settings.consumer, reason)
+
+    def _remember_failure(self, entry: Entry, failure: _Failed) -> None:
+        key = (entry.stream, entry.id)
+        self._last_error[key] = failure.reason
+        if failure.delay is None:
+            self._not_before.pop(key, None)
+        else:
+            self._not_before[key] = time.monotonic() + failure.delay
+        self.stats.failed += 1
+
+    def _count(self, kinds: list[tuple[_Kind, int]], results: Iterable[object]) -> None:
+        stats = self.stats
+        for (kind, emitted), result in zip(kinds, results, strict=True):
+            duplicate = getattr(result, "outcome", None) is Outcome.DUPLICATE
+            if kind is _Kind.DEAD_LETTER:
+                stats.dead_lettered += 1
+            elif kind is _Kind.DUPLICATE or duplicate:
+                stats.duplicates += 1
+            else:
+                stats.handled += 1
+                stats.emitted += emitted
+
+    # --- retries, takeover, dead letters --------------------------------------------
+
+    async def _maintenance_loop(self, stop: asyncio.Event) -> None:
+        while True:
+            try:
+                await self._maintain(accept_work=not stop.is_set())
+            except RedisError as error:
+                log.warning("%s: pending scan failed (%s); trying again", self.heartbeat_field, error)
+            await asyncio.sleep(self.settings.pending_interval_s)
+
+    async def _maintain(self, *, accept_work: bool) -> None:
+        await self._hold_and_release()
+        if not accept_work:
+            return
+        retry, exhausted = await self.reader.pending()
+        busy = self._in_flight.union(self._not_before)
+        retry = [entry for entry in retry if (entry.stream, entry.id) not in busy]
+        exhausted = [entry for entry in exhausted if (entry.stream, entry.id) not in busy]
+        if exhausted:
+            commits = []
+            for entry in exhausted:
+                # pending() counted the claim that handed the entry to us as a delivery
+                delivered = dataclasses.replace(entry, deliveries=entry.deliveries - 1)
+                last = self._last_error.pop((entry.stream, entry.id), None)
+                reason = f"gave up after {delivered.deliveries} deliveries: " + (
+                    last or "no error recorded (a consumer died or stalled while handling it)"
+                )
+                commits.append(self._dead_letter_commit(delivered, reason))
+            await self._script.run(self.redis, commits)
+            self.stats.dead_lettered += len(commits)
+        if retry:
+            self._spawn(retry)
+
+    async def _hold_and_release(self) -> None:
+        """Refresh the idle time of the entries this consumer still holds, and
+        make deferred entries whose delay is over due for :meth:`GroupReader.pending`."""
+        now = time.monotonic()
+        hold: dict[str, list[str]] = {}
+        release: dict[str, list[str]] = {}
+        for stream, entry_id in self._in_flight:
+            hold.setdefault(stream, []).append(entry_id)
+        for (stream, entry_id), at in list(self._not_before.items()):
+            if (stream, entry_id) in self._in_flight:
+                continue
+            if at > now:
+                hold.setdefault(stream, []).append(entry_id)
+            else:
+                release.setdefault(stream, []).append(entry_id)
+                del self._not_before[(stream, entry_id)]
+        if not hold and not release:
+            return
+        consumer = self.settings.consumer
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in hold.items():
+                pipe.xclaim(stream, self.group, consumer, 0, ids, justid=True)
+            for stream, ids in release.items():
+                pipe.xclaim(stream, self.group, consumer, 0, ids, idle=self.policy.max_ms, justid=True)
+            results = await pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("%s: cannot refresh pending entries: %s", self.heartbeat_field, result)
+
+    # --- heartbeat -------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            try:
+                await self._beat()
+            except RedisError as error:
+                log.warning("%s: heartbeat failed: %s", self.heartbeat_field, error)
+
+    async def _beat(self) -> None:
+        beat = {
+            "participant": self.participant.name,
+            "consumer": self.settings.consumer,
+            "group": self.group,
+            "subscriptions": [
+                {"type": sub.type, "compensation": sub.compensation}
+                for sub in sorted(self.participant.subscriptions.values(), key=lambda sub: sub.type)
+            ],
+            "partitions": self.settings.partitions,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at_ms": self._started_ms,
+            "at_ms": int(time.time() * 1000),
+            "interval_ms": int(self.settings.heartbeat_interval_s * 1000),
+            "in_flight": len(self._in_flight),
+            **dataclasses.asdict(self.stats),
+        }
+        await self.redis.hset(naming.heartbeat_key(), self.heartbeat_field, orjson.dumps(beat))
+
+
+async def run_participant(participant: Participant, settings: RunnerSettings, stop: asyncio.Event) -> None:
+    """Run ``participant`` until ``stop`` is set, then drain and return."""
+    async with Runner(participant, settings) as runner:
+        await runner.run(stop)
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event``, at most ``timeout`` seconds."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they have finished."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,24 @@
+# Sourced by scripts/dev and scripts/check: make .venv with Python 3.11+ and install the project.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  for candidate in python3 python3.13 python3.12 python3.11; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      python=$candidate
+      break
+    fi
+  done
+fi
+if [ -z "$python" ]; then
+  echo "streamsaga needs Python 3.11 or newer (set PYTHON=/path/to/python3.11)" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+target="."
+[ -n "${STREAMSAGA_EXTRAS:-}" ] && target=".[${STREAMSAGA_EXTRAS}]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$target"

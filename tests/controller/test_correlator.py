@@ -1,0 +1,264 @@
+"""The correlator against a real Redis: exactly-once effect, takeover, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from contracts import naming
+from contracts.definitions import ORDER_SAGA
+from contracts.envelope import Envelope, encode, utcnow
+from controller.correlator import Correlator
+from controller.definitions import Definitions
+from controller.instance import Instance, WorkflowStatus
+from controller.store import IdempotencyConflict, WorkflowStore
+from participants.sdk.consumer import RetryPolicy
+from tests.conftest import eventually
+
+P = 4
+ORDER = {
+    "customer_id": "c-1",
+    "items": [{"sku": "A", "quantity": 1, "unit_price": "5.00"}],
+    "currency": "USD",
+    "ship_to": {"country": "US"},
+}
+VALID = {
+    "PaymentCaptured": {"order": ORDER, "payment_id": "pay-1", "amount": "5.00"},
+    "InventoryReserved": {"order": ORDER, "reservation_id": "res-1"},
+    "ShipmentScheduled": {"order": ORDER, "shipment_id": "shp-1"},
+    "CustomerNotified": {"customer_id": "c-1"},
+}
+FAST = RetryPolicy(max_deliveries=3, base_ms=50, max_ms=200, claim_idle_ms=100)
+
+
+@pytest.fixture
+def store(redis: Redis) -> WorkflowStore:
+    return WorkflowStore(redis, P)
+
+
+def correlator(store: WorkflowStore, consumer: str = "c-1", policy: RetryPolicy = FAST) -> Correlator:
+    return Correlator(store.redis, store, Definitions(), consumer, block_ms=20, policy=policy, pending_interval_s=0.05)
+
+
+@pytest.fixture
+async def running(store: WorkflowStore) -> AsyncIterator[Correlator]:
+    worker = correlator(store)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await eventually(lambda: _groups_ready(store), bool, what="consumer groups")
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await task
+
+
+async def _groups_ready(store: WorkflowStore) -> bool:
+    stream = naming.message_stream(0, "PaymentCaptured")
+    return bool(await store.redis.exists(stream)) and bool(await store.redis.xinfo_groups(stream))
+
+
+async def start_order(store: WorkflowStore) -> Instance:
+    instance, created = await store.start(ORDER_SAGA, {"order": ORDER}, utcnow())
+    assert created
+    return instance
+
+
+def envelope(instance: Instance, message_type: str, payload: dict[str, Any] | None = None, mid: str = "") -> Envelope:
+    return Envelope(
+        message_id=mid or f"{instance.id}-{message_type}",
+        type=message_type,
+        correlation_id=instance.id,
+        workflow=instance.workflow,
+        producer="test",
+        occurred_at=utcnow(),
+        payload=VALID.get(message_type, {}) if payload is None else payload,
+    )
+
+
+def fields_of(message: Envelope) -> dict[Any, Any]:
+    return dict(encode(message))
+
+
+async def emit(store: WorkflowStore, message: Envelope) -> None:
+    partition = store.partition(message.correlation_id)
+    await store.redis.xadd(naming.message_stream(partition, message.type), fields_of(message))
+
+
+def status_is(*wanted: WorkflowStatus) -> Callable[[Instance | None], bool]:
+    return lambda instance: instance is not None and instance.status in wanted
+
+
+async def dead_letters(redis: Redis) -> list[dict[str, str]]:
+    rows = []
+    for p in range(P):
+        entries: Any = await redis.xrange(naming.dead_letter_stream(p))
+        for _, fields in entries:
+            rows.append({k.decode(): v.decode() for k, v in fields.items()})
+    return rows
+
+
+async def test_a_full_saga_is_correlated_to_completion(store: WorkflowStore, running: Correlator) -> None:
+    instance = await start_order(store)
+    for event in ("PaymentCaptured", "InventoryReserved", "ShipmentScheduled", "CustomerNotified"):
+        await emit(store, envelope(instance, event))
+    done = await eventually(lambda: store.load(instance.id), status_is(WorkflowStatus.COMPLETED))
+    assert done is not None
+    history = await store.history(instance.id)
+    assert [h.type for h in history] == [
+        "OrderSubmitted",
+        "PaymentCaptured",
+        "InventoryReserved",
+        "ShipmentScheduled",
+        "CustomerNotified",
+    ]
+    assert [h.seq for h in history] == list(range(5))
+    assert done.events == 5
+    listed = await store.list(WorkflowStatus.COMPLETED)
+    assert [w.id for w in listed] == [instance.id]
+    assert await store.list(WorkflowStatus.RUNNING) == []
+    # every correlated entry was acknowledged
+    for p in range(P):
+        for message_type in ORDER_SAGA.message_types():
+            pending = await store.redis.xpending(naming.message_stream(p, message_type), naming.CONTROLLER_GROUP)
+            assert pending["pending"] == 0
+
+
+async def test_a_duplicated_event_changes_nothing(store: WorkflowStore, running: Correlator) -> None:
+    instance = await start_order(store)
+    captured = envelope(instance, "PaymentCaptured", mid="dup-me")
+    await emit(store, captured)
+    await emit(store, captured)
+    await emit(store, envelope(instance, "InventoryReserved"))
+    await eventually(lambda: store.load(instance.id), lambda i: i is not None and i.events == 3)
+    await eventually(lambda: asyncio.sleep(0, running.duplicates), lambda n: n >= 2, what="duplicates counted")
+    history = await store.history(instance.id)
+    assert [h.type for h in history].count("PaymentCaptured") == 1
+
+
+async def test_commands_are_published_on_the_participants_stream(store: WorkflowStore, running: Correlator) -> None:
+    instance = await start_order(store)
+    await emit(store, envelope(instance, "PaymentCaptured"))
+    await emit(store, envelope(instance, "InventoryUnavailable", {"reason": "short"}))
+    await eventually(lambda: store.load(instance.id), status_is(WorkflowStatus.COMPENSATING))
+    stream = naming.message_stream(store.partition(instance.id), "RefundPayment")
+    entries: Any = await store.redis.xrange(stream)
+    [(_, fields)] = entries
+    assert fields[b"type"] == b"RefundPayment"
+    assert fields[b"correlation_id"] == instance.id.encode()
+    await emit(store, envelope(instance, "PaymentRefunded"))
+    await eventually(lambda: store.load(instance.id), status_is(WorkflowStatus.COMPENSATED))
+
+
+async def test_a_dead_controllers_batch_is_taken_over(store: WorkflowStore) -> None:
+    instance = await start_order(store)
+    dead = correlator(store, "dead")
+    await dead.prepare()
+    await emit(store, envelope(instance, "PaymentCaptured"))
+    taken = await dead.reader.read(block_ms=100)
+    assert taken  # read, never applied, never acked: the controller "crashed"
+    live = correlator(store, "live")
+    stop = asyncio.Event()
+    task = asyncio.create_task(live.run(stop))
+    try:
+        done = await eventually(
+            lambda: store.load(instance.id), lambda i: i is not None and i.step("payment").status == "completed"
+        )
+        assert done is not None
+    finally:
+        stop.set()
+        await task
+
+
+async def test_two_controllers_apply_each_event_exactly_once(store: WorkflowStore) -> None:
+    instances = [await start_order(store) for _ in range(20)]
+    stop = asyncio.Event()
+    workers = [correlator(store, f"c-{i}") for i in range(2)]
+    tasks = [asyncio.create_task(w.run(stop)) for w in workers]
+    try:
+        for event in ("PaymentCaptured", "InventoryReserved", "ShipmentScheduled", "CustomerNotified"):
+            for instance in instances:
+                await emit(store, envelope(instance, event))
+        for instance in instances:
+            await eventually(lambda i=instance: store.load(i.id), status_is(WorkflowStatus.COMPLETED))  # type: ignore[misc]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    for instance in instances:
+        assert [h.type for h in await store.history(instance.id)] == [
+            "OrderSubmitted",
+            "PaymentCaptured",
+            "InventoryReserved",
+            "ShipmentScheduled",
+            "CustomerNotified",
+        ]
+    assert sum(w.applied for w in workers) == 20 * 4
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"type": "PaymentCaptured"}, "missing stream field 'correlation_id'"),
+        ({"type": "PaymentCaptured", "correlation_id": "x", "envelope": "{"}, "invalid envelope"),
+    ],
+)
+async def test_a_malformed_entry_is_dead_lettered_and_the_controller_goes_on(
+    store: WorkflowStore, running: Correlator, fields: dict[str, str], reason: str
+) -> None:
+    await store.redis.xadd(naming.message_stream(0, "PaymentCaptured"), dict[Any, Any](fields))
+    instance = await start_order(store)
+    await emit(store, envelope(instance, "PaymentCaptured"))
+    await eventually(
+        lambda: store.load(instance.id), lambda i: i is not None and i.step("payment").status == "completed"
+    )
+    [letter] = await eventually(lambda: dead_letters(store.redis), lambda rows: len(rows) == 1)
+    assert reason in letter["reason"]
+    assert letter["source_stream"] == naming.message_stream(0, "PaymentCaptured")
+    assert letter["group"] == naming.CONTROLLER_GROUP
+    assert letter["deliveries"] == "1"
+    assert letter["f:type"] == "PaymentCaptured"
+
+
+async def test_events_of_unknown_workflows_and_bad_payloads_are_dead_lettered(
+    store: WorkflowStore, running: Correlator
+) -> None:
+    instance = await start_order(store)
+    ghost = instance.model_copy(update={"id": "no-such-workflow"})
+    await emit(store, envelope(ghost, "PaymentCaptured"))
+    await emit(store, envelope(instance, "PaymentDeclined", {"amount": "-1"}))  # reason missing, amount negative
+    rows = await eventually(lambda: dead_letters(store.redis), lambda r: len(r) == 2)
+    reasons = sorted(row["reason"] for row in rows)
+    assert reasons[0].startswith("invalid PaymentDeclined payload at payload.")
+    assert reasons[1] == "no such workflow 'no-such-workflow'"
+    assert (await store.load(instance.id)).events == 1  # type: ignore[union-attr]
+
+
+async def test_an_entry_on_the_wrong_stream_or_partition_is_dead_lettered(
+    store: WorkflowStore, running: Correlator
+) -> None:
+    instance = await start_order(store)
+    wrong_type = fields_of(envelope(instance, "PaymentCaptured"))
+    await store.redis.xadd(naming.message_stream(store.partition(instance.id), "ShipmentFailed"), wrong_type)
+    other = (store.partition(instance.id) + 1) % P
+    await store.redis.xadd(naming.message_stream(other, "PaymentCaptured"), wrong_type)
+    rows = await eventually(lambda: dead_letters(store.redis), lambda r: len(r) == 2)
+    assert sorted(r["reason"] for r in rows) == [
+        f"correlation_id {instance.id!r} belongs to another partition",
+        "type 'PaymentCaptured' does not belong on the ShipmentFailed stream",
+    ]
+
+
+async def test_idempotency_key_maps_to_one_workflow(store: WorkflowStore) -> None:
+    first, created = await store.start(ORDER_SAGA, {"order": ORDER}, utcnow(), idempotency_key="k")
+    again, created_again = await store.start(ORDER_SAGA, {"order": ORDER}, utcnow(), idempotency_key="k")
+    assert created
+    assert not created_again
+    assert again.id == first.id
+    with pytest.raises(IdempotencyConflict):
+        await store.start(ORDER_SAGA, {"order": {**ORDER, "currency": "EUR"}}, utcnow(), idempotency_key="k")
+    stream = naming.message_stream(store.partition(first.id), "OrderSubmitted")
+    assert await store.redis.xlen(stream) == 1  # the start event was published once
