@@ -10,10 +10,11 @@ from pathlib import Path
 from types import FrameType
 
 import orjson
+from redis.exceptions import RedisError
 
 from bench import report
 from bench.processes import ChildFailed
-from bench.run import BenchError, Options, run
+from bench.run import BenchError, Interrupted, Options, run
 
 
 def parse(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
@@ -119,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         result = run(options)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         print("interrupted; every process was stopped", file=sys.stderr)
         return 130
-    except (BenchError, ChildFailed) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
+    except (BenchError, ChildFailed, RedisError) as exc:
+        print(f"bench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report.as_json(result), option=orjson.OPT_INDENT_2) + b"\n")

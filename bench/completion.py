@@ -10,7 +10,6 @@ kept, bounded, until someone asks for them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -71,6 +70,8 @@ class CompletionWatcher:
         self._early: OrderedDict[str, Outcome] = OrderedDict()
         self._positions: dict[str, bytes | str] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._aborted = False
         self.records = 0
 
     async def start(self) -> None:
@@ -84,34 +85,49 @@ class CompletionWatcher:
         }
         self._task = asyncio.create_task(self._run(), name="completion-watcher")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def abort(self) -> None:
+        """Resolve every wait, now and later, as ``aborted``."""
+        self._aborted = True
+        now = time.perf_counter()
         for future in self._waiting.values():
-            future.cancel()
-        self._waiting.clear()
+            if not future.done():
+                future.set_result(Outcome("aborted", now))
+
+    async def stop(self) -> None:
+        """Stop reading: the reader leaves at its next wake-up (at most ``block_ms``)."""
+        self.abort()
+        self._stopping = True
+        if self._task is not None:
+            task, self._task = self._task, None
+            done, _ = await asyncio.wait({task}, timeout=self.block_ms / 1000 + 2)
+            if not done:
+                task.cancel()
+            elif not task.cancelled() and task.exception() is not None:
+                # the reader's own failure (e.g. Redis gone after a Ctrl-C) was reported by outcome()
+                log.debug("completion watcher failed: %r", task.exception())
 
     async def outcome(self, workflow_id: str, max_wait: float) -> Outcome:
         """The terminal outcome of ``workflow_id``; status ``timeout`` if none within ``max_wait`` s."""
         early = self._early.pop(workflow_id, None)
         if early is not None:
             return early
+        if self._aborted:
+            return Outcome("aborted", time.perf_counter())
         if self._task is not None and self._task.done():
             self._task.result()  # re-raise the reader's failure
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiting[workflow_id] = future
         try:
-            return await asyncio.wait_for(future, max_wait)
+            # not asyncio.wait_for: on 3.11 it swallows a cancellation that races a result
+            async with asyncio.timeout(max_wait):
+                return await future
         except TimeoutError:
             return Outcome("timeout", time.perf_counter())
         finally:
             self._waiting.pop(workflow_id, None)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             reply: Any = await self.redis.xread(self._positions, count=self.count, block=self.block_ms)  # type: ignore[arg-type]
             seen = time.perf_counter()
             for stream, entries in reply or []:

@@ -60,13 +60,18 @@ async def closed_loop(
     concurrency: int,
     first_index: int = 0,
     max_wait: float = 30.0,
+    stop: asyncio.Event | None = None,
 ) -> PhaseResult:
-    """``concurrency`` clients, each submitting and awaiting one workflow at a time, ``orders`` in all."""
+    """``concurrency`` clients, each submitting and awaiting one workflow at a time, ``orders`` in all
+    (fewer if ``stop`` is set)."""
     result = PhaseResult(name)
     indexes: Iterator[int] = iter(range(first_index, first_index + orders))
+    stopping = stop or asyncio.Event()
 
     async def client() -> None:
         for index in indexes:  # shared iterator: the clients split the work between them
+            if stopping.is_set():
+                return
             await _one(submit, watcher, index, time.perf_counter(), max_wait, result)
 
     started = time.perf_counter()
@@ -84,15 +89,17 @@ async def open_loop(
     duration: float,
     first_index: int = 0,
     max_wait: float = 30.0,
+    stop: asyncio.Event | None = None,
 ) -> PhaseResult:
-    """Submit at ``rate`` per second for ``duration`` seconds, whatever the latency."""
+    """Submit at ``rate`` per second for ``duration`` seconds, whatever the latency (until ``stop``)."""
     total = max(int(rate * duration), 1)
+    stopping = stop or asyncio.Event()
     result = PhaseResult(name, offered_rate=rate)
     tasks: set[asyncio.Task[None]] = set()
     started = time.perf_counter()
     counter = itertools.count()
     sent = 0
-    while sent < total:
+    while sent < total and not stopping.is_set():
         now = time.perf_counter()
         # everything scheduled up to now goes out at once; latency counts from its slot
         due = min(int((now - started) * rate) + 1, total)

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -75,7 +76,7 @@ class _HttpError(ApiError):
 
 
 @web.middleware
-async def problems(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every error as an RFC 9457 problem document — the only place errors become HTTP."""
     headers: dict[str, str] = {}
     try:

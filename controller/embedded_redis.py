@@ -86,7 +86,8 @@ class EmbeddedRedis:
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="streamsaga-redis-")
             data_dir = self._tmp.name
-        self.data_dir = Path(data_dir)
+        # redis-server changes into --dir before opening --logfile: keep both absolute
+        self.data_dir = Path(data_dir).resolve()
         self.persist = persist
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -111,7 +112,11 @@ class EmbeddedRedis:
                 "--logfile", str(self.data_dir / "redis.log"),
                 "--daemonize", "no",
             ]  # fmt: skip
-            self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            # its own session: a terminal's Ctrl-C reaches only us, and we stop the
+            # server after everything that uses it
+            self.process = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+            )
             if self._wait_ready(deadline=time.monotonic() + 10):
                 log.info("embedded redis-server %s on port %d", self.binary, self.port)
                 return self

@@ -13,7 +13,7 @@ One middleware (:func:`controller.api.problems`) renders any :class:`ApiError` a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,9 +154,9 @@ class MethodNotAllowed(ApiError):
     title = "Method not allowed"
     slug = "method-not-allowed"
 
-    def __init__(self, method: str, allowed: Sequence[str]) -> None:
-        super().__init__(f"{method} is not allowed here; use {', '.join(sorted(allowed))}")
-        self.allowed = list(allowed)
+    def __init__(self, method: str, allowed: Iterable[str]) -> None:
+        self.allowed = sorted(allowed)
+        super().__init__(f"{method} is not allowed here; use {', '.join(self.allowed)}")
 
 
 class IdempotencyKeyReused(ApiError):
@@ -165,9 +165,7 @@ class IdempotencyKeyReused(ApiError):
     slug = "idempotency-key-reused"
 
     def __init__(self, key: str) -> None:
-        super().__init__(
-            f"Idempotency-Key {key!r} was already used with another request body", field="Idempotency-Key"
-        )
+        super().__init__(f"Idempotency-Key {key!r} was already used with another request body", field="Idempotency-Key")
         self.key = key
 
 

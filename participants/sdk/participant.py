@@ -19,6 +19,7 @@ the handlers and commits what they return.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -91,7 +92,7 @@ class Message:
     def payload(self) -> dict[str, Any]:
         return self.envelope.payload
 
-    def parse(self, model: type[ModelT]) -> ModelT:
+    def parse(self, model: builtins.type[ModelT]) -> ModelT:
         """The payload as ``model``; a payload that does not fit is rejected (dead-lettered at once)."""
         try:
             return model.model_validate(self.envelope.payload)

@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -37,11 +37,12 @@ from types import TracebackType
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.typing import StreamIdT
 
 from contracts import naming
 from contracts.envelope import DecodeError, Envelope, decode, derived_message_id, encode, utcnow
 from contracts.messages import PayloadError, validate_payload
-from participants.sdk.commit import Commit, CommitScript, Outcome
+from participants.sdk.commit import Commit, CommitResult, CommitScript, Outcome
 from participants.sdk.connection import connect
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit
 from participants.sdk.errors import Reject, Retry
@@ -322,6 +323,7 @@ class Runner:
         try:
             commits: list[Commit] = []
             kinds: list[tuple[_Kind, int]] = []  # per commit: what it is and how many messages it emits
+            settled: list[_Key] = []  # entries whose commit acks them
             valid: list[tuple[Entry, Envelope]] = []
             for entry in entries:
                 try:
@@ -329,11 +331,13 @@ class Runner:
                 except (DecodeError, PayloadError) as error:
                     commits.append(self._dead_letter_commit(entry, error.reason))
                     kinds.append((_Kind.DEAD_LETTER, 0))
+                    settled.append((entry.stream, entry.id))
             fresh: list[tuple[Entry, Envelope]] = []
             for (entry, envelope), done in zip(valid, await self._already_handled(valid), strict=True):
                 if done:
                     commits.append(Commit().ack(entry.stream, self.group, entry.id))
                     kinds.append((_Kind.DUPLICATE, 0))
+                    settled.append((entry.stream, entry.id))
                 else:
                     fresh.append((entry, envelope))
             # the same message twice in one batch (a producer's retried XADD) runs once;
@@ -343,8 +347,8 @@ class Runner:
                 first.setdefault(envelope.message_id, (entry, envelope))
             self._give(held - len(first))
             held = len(first)
+            tasks: dict[str, asyncio.Task[_Result]] = {}
             async with asyncio.TaskGroup() as handlers:
-                tasks = {}
                 for message_id, (entry, envelope) in first.items():
                     task = handlers.create_task(self._handle(entry, envelope))
                     task.add_done_callback(lambda _: self._give(1))
@@ -352,6 +356,8 @@ class Runner:
                 held = 0
             for entry, envelope in fresh:
                 result = tasks[envelope.message_id].result()
+                if not isinstance(result, _Failed) or entry.deliveries >= self.policy.max_deliveries:
+                    settled.append((entry.stream, entry.id))
                 if isinstance(result, _Handled):
                     commits.append(self._outcome_commit(entry, envelope, result.outgoing))
                     kinds.append((_Kind.OUTCOME, len(result.outgoing)))
@@ -365,9 +371,9 @@ class Runner:
                 else:
                     self._remember_failure(entry, result)
             self._count(kinds, await self._script.run(self.redis, commits))
-            for entry in entries:
-                if (entry.stream, entry.id) not in self._not_before:
-                    self._last_error.pop((entry.stream, entry.id), None)
+            for stream, entry_id in settled:
+                self._last_error.pop((stream, entry_id), None)
+                self._not_before.pop((stream, entry_id), None)
         finally:
             self._give(held)
             self._in_flight.difference_update((entry.stream, entry.id) for entry in entries)
@@ -405,26 +411,41 @@ class Runner:
                 return _Rejected(f"rejected by {name}: {error.reason}")
             except Retry as error:
                 log.info(
-                    "%s will retry %s %s in %.3gs: %s", name, envelope.type, envelope.message_id, error.delay,
-                    error.reason, extra=extra,
-                )  # fmt: skip
+                    "%s will retry %s %s in %.3gs: %s",
+                    name,
+                    envelope.type,
+                    envelope.message_id,
+                    error.delay,
+                    error.reason,
+                    extra=extra,
+                )
                 return _Failed(f"retry requested: {error.reason}", error.delay)
             except TimeoutError as error:
                 if not deadline.expired():
                     return self._failed(entry, envelope, error, extra)
                 log.warning(
-                    "%s: handler of %s %s did not finish within %ss", name, envelope.type, envelope.message_id,
-                    self.settings.handler_timeout_s, extra=extra,
-                )  # fmt: skip
+                    "%s: handler of %s %s did not finish within %ss",
+                    name,
+                    envelope.type,
+                    envelope.message_id,
+                    self.settings.handler_timeout_s,
+                    extra=extra,
+                )
                 return _Failed(f"handler did not finish within {self.settings.handler_timeout_s}s", None)
             except Exception as error:
                 return self._failed(entry, envelope, error, extra)
 
     def _failed(self, entry: Entry, envelope: Envelope, error: Exception, extra: dict[str, object]) -> _Failed:
         log.warning(
-            "%s: handler of %s %s failed on delivery %d: %s", self.participant.name, envelope.type,
-            envelope.message_id, entry.deliveries, error, exc_info=True, extra=extra,
-        )  # fmt: skip
+            "%s: handler of %s %s failed on delivery %d: %s",
+            self.participant.name,
+            envelope.type,
+            envelope.message_id,
+            entry.deliveries,
+            error,
+            exc_info=True,
+            extra=extra,
+        )
         return _Failed(f"{type(error).__name__}: {error}", None)
 
     def _outgoing(self, entry: Entry, incoming: Envelope, replies: list[Reply]) -> list[Envelope]:
@@ -466,10 +487,15 @@ class Runner:
 
     def _dead_letter_commit(self, entry: Entry, reason: str) -> Commit:
         log.warning(
-            "%s dead-letters %s %s from %s (delivery %d): %s", self.participant.name,
-            entry.field(naming.FIELD_TYPE), entry.id, entry.stream, entry.deliveries, reason,
+            "%s dead-letters %s %s from %s (delivery %d): %s",
+            self.participant.name,
+            entry.field(naming.FIELD_TYPE),
+            entry.id,
+            entry.stream,
+            entry.deliveries,
+            reason,
             extra={"correlation_id": entry.field(naming.FIELD_CORRELATION_ID), "attempt": entry.deliveries},
-        )  # fmt: skip
+        )
         return dead_letter_commit(entry, self.group, self.settings.consumer, reason)
 
     def _remember_failure(self, entry: Entry, failure: _Failed) -> None:
@@ -481,13 +507,12 @@ class Runner:
             self._not_before[key] = time.monotonic() + failure.delay
         self.stats.failed += 1
 
-    def _count(self, kinds: list[tuple[_Kind, int]], results: Iterable[object]) -> None:
+    def _count(self, kinds: list[tuple[_Kind, int]], results: list[CommitResult]) -> None:
         stats = self.stats
         for (kind, emitted), result in zip(kinds, results, strict=True):
-            duplicate = getattr(result, "outcome", None) is Outcome.DUPLICATE
             if kind is _Kind.DEAD_LETTER:
                 stats.dead_lettered += 1
-            elif kind is _Kind.DUPLICATE or duplicate:
+            elif kind is _Kind.DUPLICATE or result.outcome is Outcome.DUPLICATE:
                 stats.duplicates += 1
             else:
                 stats.handled += 1
@@ -530,8 +555,8 @@ class Runner:
         """Refresh the idle time of the entries this consumer still holds, and
         make deferred entries whose delay is over due for :meth:`GroupReader.pending`."""
         now = time.monotonic()
-        hold: dict[str, list[str]] = {}
-        release: dict[str, list[str]] = {}
+        hold: dict[str, list[StreamIdT]] = {}
+        release: dict[str, list[StreamIdT]] = {}
         for stream, entry_id in self._in_flight:
             hold.setdefault(stream, []).append(entry_id)
         for (stream, entry_id), at in list(self._not_before.items()):
@@ -592,10 +617,10 @@ async def run_participant(participant: Participant, settings: RunnerSettings, st
         await runner.run(stop)
 
 
-async def _wait(event: asyncio.Event, timeout: float) -> None:
-    """Wait for ``event``, at most ``timeout`` seconds."""
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait for ``event``, at most ``seconds``."""
     try:
-        await asyncio.wait_for(event.wait(), timeout)
+        await asyncio.wait_for(event.wait(), seconds)
     except TimeoutError:
         return
 

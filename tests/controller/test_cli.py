@@ -1,0 +1,313 @@
+"""The ``streamsaga`` command, run as a real process (``python -m controller``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import ClientError, ClientSession
+from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
+
+from contracts.schema import file_name, schemas
+from controller.app import create_app
+from controller.cli import WORKER_DEFAULTS, main
+from controller.embedded_redis import free_port
+from controller.settings import REDIS_URL_ENV, ControllerSettings
+from controller.store import WorkflowStore
+from tests.conftest import eventually
+from tests.contracts.test_schema import assert_well_formed
+
+P = 4
+CLI_TIMEOUT_S = 110
+ORDER: dict[str, Any] = {
+    "customer_id": "c-7",
+    "items": [{"sku": "BOOK-1", "quantity": 1, "unit_price": "9.99"}],
+    "currency": "EUR",
+    "ship_to": {"country": "DE"},
+}
+# streamsaga dev's samples and the outcome each must reach
+DEV_OUTCOMES = {
+    "completes": "completed",
+    "over-limit": "failed",
+    "beyond-stock": "compensated",
+    "unsupported-country": "compensated",
+    "notification-fails": "completed",
+}
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in (REDIS_URL_ENV, "STREAMSAGA_API"):
+        env.pop(name, None)
+    return env
+
+
+async def cli(*args: str, stdin: bytes | None = None, cwd: Path | None = None) -> Run:
+    """Run ``python -m controller ARGS`` to completion (at most CLI_TIMEOUT_S), without blocking the event loop."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=cwd, env=_env(),
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(CLI_TIMEOUT_S):
+            out, err = await process.communicate(stdin)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return Run(process.returncode, out.decode(), err.decode())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))  # a zombie is not running
+
+
+def pids(output: str) -> list[int]:
+    return [int(pid) for pid in re.findall(r"\(pid (\d+)\)", output)]
+
+
+@pytest.fixture
+async def api_url(redis: Redis, redis_url: str) -> AsyncIterator[str]:
+    settings = ControllerSettings(redis_url=redis_url, partitions=P, consumer="cli-tests", block_ms=50)
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+# --- contracts export ---------------------------------------------------------------
+
+
+async def test_contracts_export_writes_one_well_formed_schema_file_per_type(tmp_path: Path) -> None:
+    run = await cli("contracts", "export", "--out", str(tmp_path / "schemas"))
+
+    assert run.returncode == 0, run.stderr
+    expected = schemas()
+    assert sorted(p.name for p in (tmp_path / "schemas").iterdir()) == sorted(file_name(n) for n in expected)
+    for name, schema in expected.items():
+        written = orjson.loads((tmp_path / "schemas" / file_name(name)).read_bytes())
+        assert written == schema
+        assert_well_formed(name, written)
+
+
+async def test_contracts_export_without_out_prints_every_schema_as_one_object() -> None:
+    run = await cli("contracts", "export")
+
+    assert run.returncode == 0, run.stderr
+    assert orjson.loads(run.stdout) == schemas()
+
+
+# --- submit -------------------------------------------------------------------------
+
+
+async def test_submit_prints_the_workflow_id_and_its_location(api_url: str, redis: Redis, tmp_path: Path) -> None:
+    order = tmp_path / "order.json"
+    order.write_bytes(orjson.dumps(ORDER))
+
+    run = await cli("submit", str(order), "--api", api_url)
+
+    assert run.returncode == 0, run.stderr
+    workflow_id, location = run.stdout.splitlines()
+    assert location == f"Location: {api_url}/v1/workflows/{workflow_id}"
+    instance = await WorkflowStore(redis, P).load(workflow_id)
+    assert instance is not None
+    assert instance.input["order"]["customer_id"] == ORDER["customer_id"]
+
+
+async def test_submit_reads_standard_input_and_sends_the_idempotency_key(api_url: str) -> None:
+    body = orjson.dumps(ORDER)
+
+    first = await cli("submit", "-", "--api", api_url, "--idempotency-key", "cli-1", stdin=body)
+    again = await cli("submit", "-", "--api", api_url, "--idempotency-key", "cli-1", stdin=body)
+
+    assert first.returncode == again.returncode == 0, first.stderr + again.stderr
+    assert first.stdout == again.stdout
+    assert "replayed" in again.stderr
+
+
+async def test_submit_exits_non_zero_with_the_problem_naming_the_field(api_url: str) -> None:
+    bad = {**ORDER, "items": [{"sku": "BOOK-1", "quantity": 0, "unit_price": "9.99"}]}
+
+    run = await cli("submit", "-", "--api", api_url, stdin=orjson.dumps(bad))
+
+    assert run.returncode == 1
+    assert run.stdout == ""
+    assert "422 Invalid input" in run.stderr
+    assert "items.0.quantity" in run.stderr
+
+
+async def test_submit_reports_an_api_it_cannot_reach() -> None:
+    run = await cli("submit", "-", "--api", f"http://127.0.0.1:{free_port()}", stdin=orjson.dumps(ORDER))
+
+    assert run.returncode == 1
+    assert "cannot reach the API" in run.stderr
+
+
+# --- controller, ledger, arguments ----------------------------------------------------
+
+
+async def test_controller_serves_the_api_and_stops_gracefully_on_sigterm(redis: Redis, redis_url: str) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", "controller",
+        "--redis-url", redis_url, "--port", str(port), "--partitions", str(P),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=_env(),
+    )  # fmt: skip
+    try:
+        async with ClientSession(base_url=f"http://127.0.0.1:{port}") as session:
+
+            async def ready() -> int:
+                try:
+                    async with session.get("/readyz") as response:
+                        return response.status
+                except ClientError:
+                    return 0
+
+            await eventually(ready, lambda status: status == 200, what="the controller's readiness")
+            async with session.post("/v1/orders", json=ORDER) as response:
+                assert response.status == 202
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 20)
+        assert process.returncode == 0, err.decode()
+        assert "stopping" in err.decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_controller_refuses_invalid_definitions_naming_the_problem(tmp_path: Path) -> None:
+    definitions = tmp_path / "definitions.json"
+    definitions.write_text('[{"name": "refund"}]')
+
+    run = await cli(
+        "controller", "--definitions", str(definitions), "--redis-url", f"redis://127.0.0.1:{free_port()}/0"
+    )
+
+    assert run.returncode == 2
+    assert "invalid workflow definitions" in run.stderr
+    assert "0.steps" in run.stderr
+
+
+async def test_ledger_of_an_empty_redis_balances(redis: Redis, redis_url: str) -> None:
+    run = await cli("ledger", "--json", "--redis-url", redis_url)
+
+    assert run.returncode == 0, run.stderr
+    ledger = orjson.loads(run.stdout)
+    assert ledger["balanced"] is True
+    assert ledger["orders"] == []
+
+
+def test_worker_help_states_the_workers_own_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from participants.workers import WorkerSettings
+
+    defaults = WorkerSettings(redis_url="redis://unused")
+    from_settings = {
+        "concurrency": defaults.concurrency,
+        "payment_limit": str(defaults.payment_limit),
+        "default_stock": defaults.default_stock,
+        "countries": ",".join(defaults.countries),
+    }
+    assert from_settings == WORKER_DEFAULTS
+    with pytest.raises(SystemExit) as exited:
+        main(["worker", "--help"])
+    assert exited.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for value in WORKER_DEFAULTS.values():
+        assert f"(default: {value})" in help_text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["controller", "--partitions", "0"],
+        ["controller", "--port", "70000"],
+        ["worker", "payment", "--payment-limit", "lots"],
+        ["worker", "shipping", "--countries", "USA"],
+        ["contracts"],
+    ],
+)
+def test_invalid_arguments_exit_with_status_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+
+
+# --- dev ----------------------------------------------------------------------------
+
+
+def _outcomes(output: str) -> dict[str, str]:
+    return dict(re.findall(r"^\s+(?:ok |BAD) (\S+)\s+(\S+)\s+expected", output, flags=re.MULTILINE))
+
+
+@pytest.mark.e2e
+async def test_dev_runs_every_sample_to_its_expected_outcome_and_leaves_nothing_running(tmp_path: Path) -> None:
+    run = await cli("dev", "--exit-when-done", "--port", str(free_port()), "--timeout", "60", cwd=tmp_path)
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert _outcomes(run.stdout) == DEV_OUTCOMES
+    assert re.search(r"notification-fails\s+notification\s+failed", run.stdout)
+    assert "ledger balances" in run.stdout
+    started = pids(run.stdout)
+    assert len(started) == 6  # the embedded redis-server, the controller and four workers
+    assert [pid for pid in started if alive(pid)] == []
+    assert (tmp_path / ".streamsaga" / "redis").is_dir()
+    assert {p.name for p in (tmp_path / ".streamsaga" / "logs").iterdir()} == {
+        f"{name}.log" for name in ("controller", "payment", "inventory", "shipping", "notification")
+    }
+
+
+@pytest.mark.e2e
+async def test_dev_stops_every_process_on_sigterm(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", "dev", "--port", str(free_port()),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=tmp_path, env=_env(),
+    )  # fmt: skip
+    assert process.stdout is not None
+    output: list[str] = []
+    try:
+        async with asyncio.timeout(90):
+            while not (output and output[-1].startswith("dev: running")):
+                line = await process.stdout.readline()
+                assert line, "dev ended before it was running:\n" + "".join(output)
+                output.append(line.decode())
+        process.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    text = "".join(output) + rest.decode()
+
+    assert process.returncode == 0, text
+    assert _outcomes(text) == DEV_OUTCOMES
+    started = pids(text)
+    assert len(started) == 6
+    assert [pid for pid in started if alive(pid)] == []
+    assert "dev: stopped embedded redis-server" in text

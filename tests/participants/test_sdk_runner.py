@@ -1,0 +1,336 @@
+"""The runner against a real Redis: emission, idempotency, retries, takeover, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+from redis.asyncio import Redis
+
+from contracts import naming
+from contracts.envelope import derived_message_id, encode
+from participants.sdk import Message, Participant, Reject, Reply, Retry
+from participants.sdk.consumer import GroupReader
+from tests.conftest import eventually
+from tests.participants.helpers import (
+    PARTITIONS,
+    dead_letters,
+    emitted,
+    envelope,
+    fast_settings,
+    original_type,
+    pending_count,
+    publish,
+    running,
+    stream_of,
+)
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def echo(calls: list[Message]) -> Participant:
+    """Answers every Ping with a Pong; also subscribes to OrderSubmitted (a type with a schema)."""
+    p = Participant("echo")
+
+    @p.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        calls.append(msg)
+        return Reply("Pong", {"n": msg.payload.get("n")})
+
+    @p.on("OrderSubmitted")
+    async def submitted(msg: Message) -> None:
+        calls.append(msg)
+
+    return p
+
+
+async def test_a_reply_carries_the_workflow_and_a_derived_id_and_the_entry_is_acked(redis: Redis, redis_url: str) -> None:
+    calls: list[Message] = []
+    incoming = envelope("Ping", {"n": 7}, traceparent=TRACEPARENT)
+    async with running(echo(calls), fast_settings(redis_url)) as runner:
+        await publish(redis, incoming)
+        [pong] = await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 1, what="a Pong")
+    assert pong.message_id == derived_message_id(incoming.message_id, "echo", "Pong")
+    assert pong.correlation_id == incoming.correlation_id
+    assert pong.causation_id == incoming.message_id
+    assert pong.workflow == incoming.workflow
+    assert (pong.producer, pong.attempt, pong.traceparent) == ("echo", 1, TRACEPARENT)
+    assert pong.payload == {"n": 7}
+    assert stream_of(pong) == naming.message_stream(naming.partition_of(incoming.correlation_id, PARTITIONS), "Pong")
+    assert await pending_count(redis, stream_of(incoming), "echo") == 0
+    outcome = await redis.get(naming.outcome_key(naming.partition_of_key(stream_of(incoming)), "echo", incoming.message_id))
+    assert outcome is not None
+    assert orjson.loads(outcome) == [pong.message_id]
+    assert runner.stats.handled == 1
+    assert runner.stats.emitted == 1
+
+
+async def test_a_redelivered_message_id_is_acked_without_running_the_handler_again(redis: Redis, redis_url: str) -> None:
+    calls: list[Message] = []
+    incoming = envelope("Ping", {"n": 1})
+    async with running(echo(calls), fast_settings(redis_url)) as runner:
+        await publish(redis, incoming)
+        await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 1, what="a Pong")
+        await publish(redis, incoming)  # a producer's retried XADD: a new entry, the same message
+        await eventually(lambda: asyncio.sleep(0, runner.stats.duplicates), lambda n: n == 1, what="the duplicate")
+    assert len(calls) == 1
+    assert len(await emitted(redis, "Pong")) == 1
+    assert await pending_count(redis, stream_of(incoming), "echo") == 0
+
+
+async def test_the_same_message_twice_in_one_batch_runs_once(redis: Redis, redis_url: str) -> None:
+    calls: list[Message] = []
+    incoming = envelope("Ping")
+    await publish(redis, incoming)
+    await publish(redis, incoming)
+    async with running(echo(calls), fast_settings(redis_url)) as runner:
+        await eventually(lambda: pending_count(redis, stream_of(incoming), "echo"), lambda n: n == 0, what="both acked")
+    assert len(calls) == 1
+    assert len(await emitted(redis, "Pong")) == 1
+    assert (runner.stats.handled, runner.stats.duplicates) == (1, 1)
+
+
+async def test_a_reclaimed_entry_whose_message_was_handled_is_only_acked(redis: Redis, redis_url: str) -> None:
+    calls: list[Message] = []
+    incoming = envelope("Ping")
+    stream = stream_of(incoming)
+    await publish(redis, incoming)
+    dead = GroupReader(redis, "echo", "dead", [stream], block_ms=10)
+    await dead.ensure_groups()
+    assert len(await dead.read()) == 1  # the dead consumer holds this entry and never acks it
+    await publish(redis, incoming)  # the same message again, handled by the live consumer
+    async with running(echo(calls), fast_settings(redis_url)) as runner:
+        await eventually(lambda: pending_count(redis, stream, "echo"), lambda n: n == 0, what="the takeover")
+    assert len(calls) == 1
+    assert len(await emitted(redis, "Pong")) == 1
+    assert runner.stats.duplicates == 1
+
+
+async def test_a_dead_consumers_pending_entry_is_taken_over(redis: Redis, redis_url: str) -> None:
+    calls: list[Message] = []
+    incoming = envelope("Ping", {"n": 3})
+    stream = stream_of(incoming)
+    await publish(redis, incoming)
+    dead = GroupReader(redis, "echo", "dead", [stream], block_ms=10)
+    await dead.ensure_groups()
+    assert len(await dead.read()) == 1
+    started = time.monotonic()
+    async with running(echo(calls), fast_settings(redis_url, claim_idle_ms=300)):
+        [pong] = await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 1, what="a Pong")
+    assert time.monotonic() - started >= 0.3 * 0.9
+    assert [msg.message_id for msg in calls] == [incoming.message_id]
+    assert calls[0].attempt == pong.attempt == 2
+    assert await pending_count(redis, stream, "echo") == 0
+
+
+async def test_a_slow_handler_keeps_its_entry_from_live_peers(redis: Redis, redis_url: str) -> None:
+    calls: list[Message] = []
+    slow = Participant("slow")
+
+    @slow.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        calls.append(msg)
+        await asyncio.sleep(1.0)  # the work: three times the peers' claim time
+        return Reply("Pong")
+
+    async with (
+        running(slow, fast_settings(redis_url, consumer="a", claim_idle_ms=300)),
+        running(slow, fast_settings(redis_url, consumer="b", claim_idle_ms=300)),
+    ):
+        await publish(redis, envelope("Ping"))
+        [pong] = await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 1, what="a Pong")
+    assert len(calls) == 1
+    assert pong.attempt == 1
+    assert await dead_letters(redis) == []
+
+
+async def test_a_failing_handler_is_retried_then_dead_lettered_and_later_messages_go_on(
+    redis: Redis, redis_url: str
+) -> None:
+    attempts: list[int] = []
+    flaky = Participant("flaky")
+
+    @flaky.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        if msg.payload.get("fail"):
+            attempts.append(msg.attempt)
+            raise RuntimeError("card gateway down")
+        return Reply("Pong")
+
+    bad = envelope("Ping", {"fail": True})
+    good = envelope("Ping")
+    async with running(flaky, fast_settings(redis_url, max_deliveries=3)) as runner:
+        await publish(redis, bad)
+        [dead] = await eventually(lambda: dead_letters(redis), lambda found: len(found) == 1, what="a dead letter")
+        await publish(redis, good)
+        await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 1, what="the later message")
+    assert attempts == [1, 2, 3]
+    assert dead["reason"] == "gave up after 3 deliveries: RuntimeError: card gateway down"
+    assert dead["deliveries"] == "3"
+    assert (dead["source_stream"], dead["group"]) == (stream_of(bad), "flaky")
+    assert dead["f:message_id"] == bad.message_id
+    assert await pending_count(redis, stream_of(bad), "flaky") == 0
+    assert runner.stats.failed == 2
+    assert runner.stats.dead_lettered == 1
+
+
+async def test_a_rejected_message_is_dead_lettered_at_once(redis: Redis, redis_url: str) -> None:
+    attempts: list[int] = []
+    strict = Participant("strict")
+
+    @strict.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        attempts.append(msg.attempt)
+        raise Reject(f"unknown customer {msg.payload['customer']!r}")
+
+    incoming = envelope("Ping", {"customer": "cust-9"})
+    async with running(strict, fast_settings(redis_url, max_deliveries=5)):
+        await publish(redis, incoming)
+        [dead] = await eventually(lambda: dead_letters(redis), lambda found: len(found) == 1, what="a dead letter")
+    assert attempts == [1]
+    assert dead["reason"] == "rejected by strict: unknown customer 'cust-9'"
+    assert dead["deliveries"] == "1"
+    assert await pending_count(redis, stream_of(incoming), "strict") == 0
+
+
+async def test_malformed_entries_are_dead_lettered_with_the_reason(redis: Redis, redis_url: str) -> None:
+    calls: list[Message] = []
+    stream = naming.message_stream(0, "Ping")
+    elsewhere = next(cid for cid in (f"wf-{i}" for i in range(100)) if naming.partition_of(cid, PARTITIONS) != 0)
+    in_partition_0 = next(cid for cid in (f"wf-{i}" for i in range(100)) if naming.partition_of(cid, PARTITIONS) == 0)
+    async with running(echo(calls), fast_settings(redis_url)):
+        await redis.xadd(stream, {"type": "Ping", "correlation_id": "c", "envelope": b"{not json"})
+        await redis.xadd(stream, {"garbage": "1"})
+        await redis.xadd(stream, encode(envelope("Pong", correlation_id=in_partition_0)))  # type: ignore[arg-type]
+        await redis.xadd(stream, encode(envelope("Ping", correlation_id=elsewhere)))  # type: ignore[arg-type]
+        bad_order = envelope("OrderSubmitted", {"order": {"customer_id": "c"}})
+        await publish(redis, bad_order)
+        found = await eventually(lambda: dead_letters(redis), lambda found: len(found) == 5, what="5 dead letters")
+    reasons = {dead["reason"] for dead in found}
+    assert any(reason.startswith("invalid envelope") for reason in reasons), reasons
+    assert "missing stream field 'type'" in reasons
+    assert "type 'Pong' does not belong on the Ping stream" in reasons
+    assert f"correlation_id {elsewhere!r} belongs to another partition" in reasons
+    assert any(reason.startswith("invalid OrderSubmitted payload at payload.order.items") for reason in reasons)
+    assert calls == []
+    assert await pending_count(redis, stream, "echo") == 0
+
+
+async def test_retry_with_a_delay_tries_again_no_sooner(redis: Redis, redis_url: str) -> None:
+    # the delay is longer than the whole backoff schedule: the entry must be held, not exhausted
+    times: list[float] = []
+    busy = Participant("busy")
+
+    @busy.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        times.append(time.monotonic())
+        if msg.attempt == 1:
+            raise Retry("inventory service busy", delay=0.4)
+        return Reply("Pong")
+
+    async with running(busy, fast_settings(redis_url, max_deliveries=3, retry_base_ms=20)):
+        await publish(redis, envelope("Ping"))
+        [pong] = await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 1, what="a Pong")
+    assert pong.attempt == 2
+    assert times[1] - times[0] >= 0.4
+    assert await dead_letters(redis) == []
+
+
+async def test_a_handler_that_overruns_its_timeout_is_retried(redis: Redis, redis_url: str) -> None:
+    stuck = Participant("stuck")
+
+    @stuck.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        if msg.attempt == 1:
+            await asyncio.Event().wait()  # never finishes on its own
+        return Reply("Pong")
+
+    async with running(stuck, fast_settings(redis_url, handler_timeout_s=0.1)):
+        await publish(redis, envelope("Ping"))
+        [pong] = await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 1, what="a Pong")
+    assert pong.attempt == 2
+
+
+async def test_an_invalid_reply_payload_is_a_failure_of_the_handler(redis: Redis, redis_url: str) -> None:
+    buggy = Participant("buggy")
+
+    @buggy.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        return Reply("PaymentCaptured", {"payment_id": "p1"})
+
+    async with running(buggy, fast_settings(redis_url, max_deliveries=2)):
+        await publish(redis, envelope("Ping"))
+        [dead] = await eventually(lambda: dead_letters(redis), lambda found: len(found) == 1, what="a dead letter")
+    assert dead["reason"].startswith("gave up after 2 deliveries: PayloadError: invalid PaymentCaptured payload at")
+    assert await emitted(redis, "PaymentCaptured") == []
+
+
+async def test_several_replies_get_distinct_ids_and_no_reply_just_acks(redis: Redis, redis_url: str) -> None:
+    fan = Participant("fan")
+
+    @fan.on("Ping")
+    async def ping(msg: Message) -> list[Reply]:
+        return [Reply("Pong", {"i": i}) for i in range(3)]
+
+    @fan.on("Ignore")
+    async def ignore(msg: Message) -> None:
+        return None
+
+    ignored = envelope("Ignore")
+    async with running(fan, fast_settings(redis_url)):
+        await publish(redis, envelope("Ping"))
+        await publish(redis, ignored)
+        pongs = await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 3, what="3 Pongs")
+        await eventually(lambda: pending_count(redis, stream_of(ignored), "fan"), lambda n: n == 0, what="the ack")
+    assert len({pong.message_id for pong in pongs}) == 3
+    assert [pong.payload["i"] for pong in pongs] == [0, 1, 2]
+
+
+async def test_no_more_handlers_run_at_once_than_the_concurrency(redis: Redis, redis_url: str) -> None:
+    running_now = 0
+    most = 0
+    gate = Participant("gate")
+
+    @gate.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        nonlocal running_now, most
+        running_now += 1
+        most = max(most, running_now)
+        await asyncio.sleep(0.05)  # the work
+        running_now -= 1
+        return Reply("Pong")
+
+    for _ in range(6):
+        await publish(redis, envelope("Ping", correlation_id="one-workflow"))
+    async with running(gate, fast_settings(redis_url, concurrency=2)):
+        await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 6, what="6 Pongs")
+    assert most == 2
+
+
+async def test_a_heartbeat_lists_the_consumer_and_its_subscriptions_while_it_runs(redis: Redis, redis_url: str) -> None:
+    async with running(echo([]), fast_settings(redis_url, consumer="c-1")):
+        raw = await eventually(
+            lambda: redis.hget(naming.heartbeat_key(), "echo/c-1"), lambda value: value is not None, what="a beat"
+        )
+        assert raw is not None
+        beat = orjson.loads(raw)
+    assert beat["participant"] == "echo"
+    assert beat["consumer"] == "c-1"
+    assert [sub["type"] for sub in beat["subscriptions"]] == ["OrderSubmitted", "Ping"]
+    assert await redis.hget(naming.heartbeat_key(), "echo/c-1") is None
+
+
+async def test_original_fields_are_kept_in_the_dead_letter(redis: Redis, redis_url: str) -> None:
+    strict = Participant("strict")
+
+    @strict.on("Ping")
+    async def ping(msg: Message) -> None:
+        raise Reject("no")
+
+    incoming = envelope("Ping")
+    async with running(strict, fast_settings(redis_url)):
+        await publish(redis, incoming)
+        [dead] = await eventually(lambda: dead_letters(redis), lambda found: len(found) == 1, what="a dead letter")
+    assert original_type(dead) == "Ping"
+    assert dead["f:correlation_id"] == incoming.correlation_id
