@@ -7,8 +7,10 @@ code per workflow: it reads these tables.
 
 from __future__ import annotations
 
+import zlib
 from enum import StrEnum
 from functools import cached_property
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,12 +27,36 @@ class Role(StrEnum):
     COMPENSATION_FAILED = "compensation_failed"
 
 
+Breach = Literal["compensate", "flag"]
+
+
+class RetryPolicy(BaseModel):
+    """How a command the controller sends is tried again: ``max_attempts`` in all,
+    waiting ``base_s · 2^(n-1)`` (at most ``max_s``, ± ``jitter``) after failed attempt n."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    base_s: float = Field(default=1.0, gt=0)
+    max_s: float = Field(default=60.0, gt=0)
+    jitter: float = Field(default=0.2, ge=0, le=1, description="fraction of the delay added or taken at random")
+
+    def delay_s(self, attempt: int, seed: str) -> float:
+        """Wait after failed attempt ``attempt`` (1-based).  The jitter is drawn from
+        ``seed`` so deciding twice gives the same delay."""
+        delay: float = min(self.base_s * 2 ** (attempt - 1), self.max_s)
+        spread = (zlib.crc32(f"{seed}/{attempt}".encode()) / 0xFFFFFFFF) * 2 - 1  # in [-1, 1]
+        return max(0.0, delay * (1 + self.jitter * spread))
+
+
 class CompensationDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     command: str = Field(description="command type the controller sends to undo the step")
     completed: str = Field(description="event type the participant emits once undone")
     failed: tuple[str, ...] = Field(default=(), description="event types reporting the undo failed")
+    timeout_s: float = Field(default=30.0, gt=0, description="wait this long for an answer to each attempt")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
 
 
 class StepDefinition(BaseModel):
@@ -48,12 +74,26 @@ class StepDefinition(BaseModel):
         description="the controller sends `command` instead of the participant reacting to `trigger`",
     )
     command: str | None = Field(default=None, description="command type of an orchestrated step")
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="the step must end this long after it started (per attempt if orchestrated)"
+    )
+    on_timeout: Breach | None = Field(
+        default=None, description="compensate the workflow, or flag and go on; default: compensate if critical"
+    )
+    retry: RetryPolicy = Field(
+        default_factory=lambda: RetryPolicy(max_attempts=1),
+        description="attempts of an orchestrated step's command before the step times out",
+    )
 
     @model_validator(mode="after")
     def _orchestrated_has_command(self) -> StepDefinition:
         if self.orchestrated and not self.command:
             raise ValueError(f"orchestrated step {self.name!r} needs a command type")
         return self
+
+    @property
+    def timeout_policy(self) -> Breach:
+        return self.on_timeout or ("compensate" if self.critical else "flag")
 
     def types(self) -> list[str]:
         """Every message type this step involves."""
@@ -72,6 +112,12 @@ class WorkflowDefinition(BaseModel):
     version: int = 1
     start: str = Field(description="event type the controller publishes to start a workflow")
     steps: tuple[StepDefinition, ...] = Field(min_length=1)
+    sla_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="the whole workflow must finish this long after it started; a submission may ask for less",
+    )
+    on_breach: Breach = Field(default="compensate", description="what an SLA breach does")
 
     @model_validator(mode="after")
     def _check(self) -> WorkflowDefinition:
@@ -128,10 +174,12 @@ ORDER_SAGA = WorkflowDefinition(
     name="order",
     version=1,
     start="OrderSubmitted",
+    sla_s=300.0,
     steps=(
         StepDefinition(
             name="payment",
             participant="payment",
+            timeout_s=30.0,
             trigger="OrderSubmitted",
             completed="PaymentCaptured",
             failed=("PaymentDeclined",),
@@ -142,6 +190,7 @@ ORDER_SAGA = WorkflowDefinition(
         StepDefinition(
             name="inventory",
             participant="inventory",
+            timeout_s=30.0,
             trigger="PaymentCaptured",
             completed="InventoryReserved",
             failed=("InventoryUnavailable",),
@@ -152,6 +201,7 @@ ORDER_SAGA = WorkflowDefinition(
         StepDefinition(
             name="shipping",
             participant="shipping",
+            timeout_s=60.0,
             trigger="InventoryReserved",
             completed="ShipmentScheduled",
             failed=("ShipmentFailed",),
@@ -162,6 +212,7 @@ ORDER_SAGA = WorkflowDefinition(
         StepDefinition(
             name="notification",
             participant="notification",
+            timeout_s=30.0,
             trigger="ShipmentScheduled",
             completed="CustomerNotified",
             failed=("NotificationFailed",),

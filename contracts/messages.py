@@ -202,6 +202,34 @@ class StepCommand(Wire):
     input: dict[str, Any] = Field(default_factory=dict)
 
 
+# --- the controller's own messages ------------------------------------------------
+
+TIMER_FIRED = "TimerFired"
+CANCEL_REQUESTED = "CancelRequested"
+RETRY_REQUESTED = "RetryRequested"
+SLA_BREACHED = "SlaBreached"
+
+
+class TimerFired(Wire):
+    """A deadline passed.  Written by the controller's timer script, never by participants."""
+
+    timer: str = Field(description="'step:<name>', 'comp:<name>' or 'sla'")
+    generation: int
+    due_ms: int
+
+
+class OperatorRequest(Wire):
+    """An operator's cancel or retry, as recorded in the history."""
+
+    by: str | None = Field(default=None, max_length=200)
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+class SlaBreachedEvent(Wire):
+    sla_s: float
+    deadline_at: str
+
+
 # type -> payload model.  A type missing here is accepted with any JSON object as
 # payload when a loaded workflow definition names it (user-defined workflows).
 PAYLOADS: dict[str, type[Wire]] = {
@@ -223,6 +251,10 @@ PAYLOADS: dict[str, type[Wire]] = {
     "RefundFailed": CompensationFailed,
     "ReleaseFailed": CompensationFailed,
     "CancelShipmentFailed": CompensationFailed,
+    TIMER_FIRED: TimerFired,
+    CANCEL_REQUESTED: OperatorRequest,
+    RETRY_REQUESTED: OperatorRequest,
+    SLA_BREACHED: SlaBreachedEvent,
 }
 
 

@@ -15,13 +15,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from contracts.definitions import ORDER_SAGA, WorkflowDefinition
 from contracts.envelope import utcnow
-from contracts.messages import PAYLOADS, OrderIn
+from contracts.messages import CANCEL_REQUESTED, PAYLOADS, RETRY_REQUESTED, OrderIn
 from controller.definitions import Definitions, UnknownWorkflow
 from controller.errors import (
     ApiError,
@@ -36,8 +36,10 @@ from controller.errors import (
     Unavailable,
     UnsupportedMediaType,
     WorkflowNotFound,
+    WorkflowStateConflict,
 )
 from controller.instance import Instance, WorkflowStatus
+from controller.state_machine import NotAllowed, effective_sla
 from controller.store import IdempotencyConflict, WorkflowStore
 
 log = logging.getLogger(__name__)
@@ -180,11 +182,25 @@ async def _load(request: web.Request) -> Instance:
     return instance
 
 
+def _sla_seconds(request: web.Request, definition: WorkflowDefinition) -> float | None:
+    raw = request.query.get("sla_seconds")
+    if raw is None:
+        return None
+    try:
+        requested = float(raw)
+        effective_sla(definition, requested)
+    except ValueError as exc:
+        message = "must be a number of seconds" if "could not convert" in str(exc) else str(exc)
+        raise InvalidInput.of("sla_seconds", message) from None
+    return requested
+
+
 async def _start(request: web.Request, definition: WorkflowDefinition, payload: dict[str, Any]) -> web.Response:
     key = _idempotency_key(request)
+    sla_s = _sla_seconds(request, definition)
     try:
         instance, created = await request.app[STORE].start(
-            definition, payload, utcnow(), idempotency_key=key, traceparent=_traceparent(request)
+            definition, payload, utcnow(), idempotency_key=key, traceparent=_traceparent(request), sla_s=sla_s
         )
     except IdempotencyConflict as exc:
         raise IdempotencyKeyReused(exc.key) from None
@@ -268,6 +284,44 @@ async def get_history(request: web.Request) -> web.Response:
     instance = await _load(request)
     entries = await request.app[STORE].history(instance.id)
     return _json({"workflow_id": instance.id, "events": [entry.model_dump(mode="json") for entry in entries]})
+
+
+class _OperatorRequestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    by: str | None = Field(default=None, min_length=1, max_length=200)
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+async def _operator_request(request: web.Request, message_type: str) -> web.Response:
+    instance = await _load(request)
+    payload: dict[str, Any] = {}
+    if request.can_read_body:
+        try:
+            payload = _OperatorRequestIn.model_validate(await _json_body(request)).model_dump(exclude_none=True)
+        except ValidationError as exc:
+            raise InvalidInput.from_validation(exc) from None
+    definition = request.app[DEFINITIONS].get(instance.workflow.name, instance.workflow.version)
+    try:
+        updated = await request.app[STORE].request(definition, instance.id, message_type, payload, utcnow())
+    except NotAllowed as exc:
+        raise WorkflowStateConflict(instance.id, str(exc)) from None
+    except LookupError:
+        raise WorkflowNotFound(instance.id) from None
+    log.info("%s for workflow %s: %s", message_type, instance.id, payload, extra={"correlation_id": instance.id})
+    return _json(_detail(updated), status=202)
+
+
+@routes.post("/v1/workflows/{id}/cancel")
+async def cancel_workflow(request: web.Request) -> web.Response:
+    """Cancel a running workflow: it compensates what it completed.  Body (optional): ``{by, reason}``."""
+    return await _operator_request(request, CANCEL_REQUESTED)
+
+
+@routes.post("/v1/workflows/{id}/retry")
+async def retry_workflow(request: web.Request) -> web.Response:
+    """Resume the compensation of a workflow that needs attention.  Body (optional): ``{by, reason}``."""
+    return await _operator_request(request, RETRY_REQUESTED)
 
 
 @routes.get("/v1/contracts")

@@ -22,6 +22,7 @@ from controller.correlator import Correlator
 from controller.definitions import Definitions
 from controller.settings import ControllerSettings
 from controller.store import WorkflowStore
+from controller.timers import TimerPoller
 from participants.sdk.connection import connect
 from participants.sdk.consumer import RetryPolicy
 
@@ -46,6 +47,7 @@ def create_app(settings: ControllerSettings) -> web.Application:
     app.add_routes(api.routes)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_correlator)
+    app.cleanup_ctx.append(_timers)
     return app
 
 
@@ -88,6 +90,18 @@ async def _correlator(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(task, return_exceptions=True)
         finally:
             await reader.aclose()
+
+
+async def _timers(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    poller = TimerPoller(app[api.REDIS], settings.partitions, interval_s=settings.timer_interval_s)
+    stop = asyncio.Event()
+    task = asyncio.create_task(poller.run(stop), name="timers")
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
 
 
 async def _run_correlator(correlator: Correlator, stop: asyncio.Event, ready: asyncio.Event) -> None:

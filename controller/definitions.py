@@ -9,6 +9,7 @@ import orjson
 from pydantic import TypeAdapter
 
 from contracts.definitions import ORDER_SAGA, WorkflowDefinition
+from contracts.messages import TIMER_FIRED
 
 _MANY = TypeAdapter(list[WorkflowDefinition])
 
@@ -56,8 +57,8 @@ class Definitions:
         return sorted(self._latest)
 
     def event_types(self) -> set[str]:
-        """Every message type the controller correlates."""
-        return {t for d in self._by_version.values() for t in d.message_types()}
+        """Every message type the controller correlates (its own timers included)."""
+        return {TIMER_FIRED} | {t for d in self._by_version.values() for t in d.message_types()}
 
     def all_types(self) -> set[str]:
         return {t for d in self._by_version.values() for t in d.message_types() | d.command_types()}

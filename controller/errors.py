@@ -169,6 +169,18 @@ class IdempotencyKeyReused(ApiError):
         self.key = key
 
 
+class WorkflowStateConflict(ApiError):
+    """An operator request the workflow's current state does not allow."""
+
+    status = 409
+    title = "Not allowed in the workflow's state"
+    slug = "workflow-state-conflict"
+
+    def __init__(self, workflow_id: str, detail: str) -> None:
+        super().__init__(detail, field="id")
+        self.workflow_id = workflow_id
+
+
 class Unavailable(ApiError):
     status = 503
     title = "Service unavailable"

@@ -42,6 +42,9 @@ class StepState(BaseModel):
     status: StepStatus = StepStatus.PENDING
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    deadline_at: datetime | None = Field(default=None, description="when the step (or its compensation) times out")
+    attempts: int = Field(default=0, description="attempts of the command in flight (orchestrated or compensation)")
+    retrying: bool = Field(default=False, description="waiting to send the next attempt")
     compensation_started_at: datetime | None = None
     compensated_at: datetime | None = None
     result: dict[str, Any] | None = Field(default=None, description="payload of the event that completed the step")
@@ -62,6 +65,9 @@ class Instance(BaseModel):
     input: dict[str, Any]
     steps: list[StepState]
     error: str | None = None
+    sla_deadline_at: datetime | None = None
+    sla_breached: bool = False
+    timers: dict[str, int] = Field(default_factory=dict, description="active timer name -> generation")
     idempotency_key: str | None = None
     request_hash: str | None = None
 

@@ -34,6 +34,8 @@ class ControllerSettings:
     definitions_path: Path | None = None
     claim_idle_ms: int = 5_000
     max_deliveries: int = 5
+    timer_interval_s: float = 0.05
+    """How often due timers are fired (deadline precision)."""
 
     def __post_init__(self) -> None:
         if self.partitions < 1:
@@ -43,5 +45,7 @@ class ControllerSettings:
         for name in ("batch", "block_ms", "retention_s", "claim_idle_ms", "max_deliveries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if not 0 < self.timer_interval_s <= 1:
+            raise ValueError(f"timer_interval_s must be within (0, 1], not {self.timer_interval_s}")
         if not self.consumer:
             raise ValueError("consumer must not be empty")

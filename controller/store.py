@@ -14,9 +14,10 @@ from redis.asyncio import Redis
 
 from contracts import naming
 from contracts.definitions import WorkflowDefinition
-from contracts.envelope import encode
+from contracts.envelope import Envelope, encode
 from controller import state_machine
 from controller.instance import TERMINAL, HistoryEntry, Instance, WorkflowStatus
+from controller.timers import timer_member
 from participants.sdk.commit import Commit, CommitScript, Outcome
 from participants.sdk.consumer import Entry
 
@@ -35,8 +36,8 @@ class IdempotencyConflict(Exception):
         self.workflow_id = workflow_id
 
 
-def request_hash(definition: str, payload: dict[str, Any]) -> str:
-    return hashlib.sha256(orjson.dumps([definition, payload], option=orjson.OPT_SORT_KEYS)).hexdigest()
+def request_hash(definition: str, payload: dict[str, Any], sla_s: float | None = None) -> str:
+    return hashlib.sha256(orjson.dumps([definition, payload, sla_s], option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def workflow_id_for(definition: str, idempotency_key: str | None) -> str:
@@ -95,6 +96,40 @@ class WorkflowStore:
         found = await self.load_many(wid for _, wid in newest[:limit])
         return [instance for instance in found.values() if instance is not None]
 
+    async def request(
+        self,
+        definition: WorkflowDefinition,
+        workflow_id: str,
+        message_type: str,
+        payload: dict[str, Any],
+        now: datetime,
+    ) -> Instance:
+        """Apply an operator's request (cancel, retry) like any message: decided by
+        the state machine, committed atomically, recorded in the history.
+
+        Raises :class:`LookupError` for an unknown workflow and
+        :class:`state_machine.NotAllowed` when its state does not allow the request.
+        """
+        for _ in range(10):
+            instance = await self.load(workflow_id)
+            if instance is None:
+                raise LookupError(workflow_id)
+            state_machine.check_operator_request(instance, message_type)
+            message = Envelope(
+                message_id=uuid.uuid4().hex,
+                type=message_type,
+                correlation_id=workflow_id,
+                workflow=instance.workflow,
+                producer=f"operator:{payload.get('by') or 'api'}",
+                occurred_at=now,
+                payload=payload,
+            )
+            result = state_machine.transition(definition, instance, message, now)
+            [outcome] = await self.script.run(self.redis, [self.commit(instance, result)])
+            if outcome.outcome is Outcome.OK:
+                return result.instance
+        raise RuntimeError(f"workflow {workflow_id} kept changing; try again")
+
     def commit(self, before: Instance | None, result: state_machine.Transition, cause: Entry | None = None) -> Commit:
         """The atomic commit of one transition (and the ack of the entry that caused it)."""
         instance = result.instance
@@ -115,6 +150,13 @@ class WorkflowStore:
         if before is not None and before.status != instance.status:
             commit.zrem(naming.status_index_key(p, before.status), instance.id)
         commit.zadd(naming.status_index_key(p, instance.status), _ms(instance.updated_at), instance.id)
+        timers = naming.timers_key(p)
+        for change in result.timers:
+            if change.cancel is not None:
+                commit.zrem(timers, timer_member(instance.id, change.name, change.cancel, instance.workflow))
+            if change.delay_s is not None:
+                member = timer_member(instance.id, change.name, change.generation, instance.workflow)
+                commit.zadd_in(timers, round(change.delay_s * 1000), member)
         if instance.status in TERMINAL:
             for key in (inst_key, seen, hist):
                 commit.expire(key, self.retention_s)
@@ -130,13 +172,14 @@ class WorkflowStore:
         *,
         idempotency_key: str | None = None,
         traceparent: str | None = None,
+        sla_s: float | None = None,
     ) -> tuple[Instance, bool]:
         """Create a workflow and publish its start event; (instance, created).
 
         With an Idempotency-Key, a repeat of the same request returns the existing
         instance (created=False) and another body raises :class:`IdempotencyConflict`.
         """
-        digest = request_hash(definition.name, payload)
+        digest = request_hash(definition.name, payload, sla_s)
         workflow_id = workflow_id_for(definition.name, idempotency_key)
         result = state_machine.start(
             definition,
@@ -146,13 +189,16 @@ class WorkflowStore:
             idempotency_key=idempotency_key,
             request_hash=digest,
             traceparent=traceparent,
+            sla_s=sla_s,
         )
         [outcome] = await self.script.run(self.redis, [self.commit(None, result)])
         if outcome.outcome is Outcome.OK:
             return result.instance, True
         existing = await self.load(workflow_id)
         if existing is None:  # expired between the two calls: start afresh
-            return await self.start(definition, payload, now, idempotency_key=idempotency_key, traceparent=traceparent)
+            return await self.start(
+                definition, payload, now, idempotency_key=idempotency_key, traceparent=traceparent, sla_s=sla_s
+            )
         if existing.request_hash != digest:
             assert idempotency_key is not None
             raise IdempotencyConflict(idempotency_key, workflow_id)

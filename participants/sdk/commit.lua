@@ -6,6 +6,7 @@
 --   guard  = [k, expected]      hash field 'v' of k must equal expected (0 = absent)
 --   hset   = [[k, f1, v1, ...]], rpush = [[k, v, ...]], xadd = [[k, maxlen, f1, v1, ...]]
 --   zadd   = [[k, score, member]], zrem = [[k, member]], hincrby = [[k, field, n]]
+--   zaddin = [[k, delay_ms, member]]   score = the server's clock (ms) + delay_ms
 --   expire = [[k, ttl]], ack = [[k, group, id]]
 -- A duplicate still acks: its work was done by the commit that recorded it.
 -- Returns {'ok'} | {'dup', value?} | {'conflict', current_version}.
@@ -61,6 +62,13 @@ for _, z in ipairs(spec.zadd or {}) do
 end
 for _, z in ipairs(spec.zrem or {}) do
   redis.call('ZREM', KEYS[z[1]], z[2])
+end
+if spec.zaddin then
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for _, z in ipairs(spec.zaddin) do
+    redis.call('ZADD', KEYS[z[1]], now_ms + tonumber(z[2]), z[3])
+  end
 end
 for _, h in ipairs(spec.hincrby or {}) do
   redis.call('HINCRBY', KEYS[h[1]], h[2], h[3])

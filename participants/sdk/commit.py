@@ -91,6 +91,11 @@ class Commit:
     def zadd(self, key: str, score: float, member: str) -> Commit:
         return self._add("zadd", self._k(key), repr(score), member)
 
+    def zadd_in(self, key: str, delay_ms: int, member: str) -> Commit:
+        """ZADD with score = the Redis server's clock (ms) + ``delay_ms``: deadlines
+        use one clock however many processes set them."""
+        return self._add("zaddin", self._k(key), str(delay_ms), member)
+
     def zrem(self, key: str, member: str) -> Commit:
         return self._add("zrem", self._k(key), member)
 
@@ -104,35 +109,52 @@ class Commit:
         return self._add("ack", self._k(stream), group, entry_id)
 
 
-class CommitScript:
-    """The loaded commit script; reloads itself if the server lost it (restart, flush)."""
+ScriptCall = tuple[list[str], list[str | bytes]]  # (keys, args)
 
-    def __init__(self) -> None:
+
+class LuaScript:
+    """A Lua script called by SHA in pipelines; loads itself again if the server
+    lost it (restart, SCRIPT FLUSH).  Replies that are errors are returned, not raised."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
         self._sha: str | None = None
 
     async def _load(self, redis: Redis) -> str:
-        self._sha = str(await redis.script_load(_SOURCE))
+        self._sha = str(await redis.script_load(self.source))
         return self._sha
+
+    async def call_many(self, redis: Redis, calls: list[ScriptCall]) -> list[Any]:
+        """Run every call in order in one round trip."""
+        if not calls:
+            return []
+        sha = self._sha or await self._load(redis)
+        raw = await self._pipeline(redis, sha, calls)
+        if any(isinstance(r, NoScriptError) for r in raw):
+            sha = await self._load(redis)
+            retry = [c for c, r in zip(calls, raw, strict=True) if isinstance(r, NoScriptError)]
+            again = iter(await self._pipeline(redis, sha, retry))
+            raw = [next(again) if isinstance(r, NoScriptError) else r for r in raw]
+        return raw
+
+    @staticmethod
+    async def _pipeline(redis: Redis, sha: str, calls: list[ScriptCall]) -> list[Any]:
+        async with redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+
+class CommitScript:
+    """The commit script: applies :class:`Commit` objects."""
+
+    def __init__(self) -> None:
+        self._script = LuaScript(_SOURCE)
 
     async def run(self, redis: Redis, commits: list[Commit]) -> list[CommitResult]:
         """Apply ``commits`` in order in one round trip; each is atomic on its own."""
-        if not commits:
-            return []
-        sha = self._sha or await self._load(redis)
-        raw = await self._pipeline(redis, sha, commits)
-        if any(isinstance(r, NoScriptError) for r in raw):
-            sha = await self._load(redis)
-            retry = [c for c, r in zip(commits, raw, strict=True) if isinstance(r, NoScriptError)]
-            again = iter(await self._pipeline(redis, sha, retry))
-            raw = [next(again) if isinstance(r, NoScriptError) else r for r in raw]
+        raw = await self._script.call_many(redis, [(c.keys, [orjson.dumps(c.spec)]) for c in commits])
         return [_result(r) for r in raw]
-
-    @staticmethod
-    async def _pipeline(redis: Redis, sha: str, commits: list[Commit]) -> list[Any]:
-        async with redis.pipeline(transaction=False) as pipe:
-            for commit in commits:
-                pipe.evalsha(sha, len(commit.keys), *commit.keys, orjson.dumps(commit.spec))
-            return list(await pipe.execute(raise_on_error=False))
 
 
 def _text(value: Any) -> str:

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from contracts.definitions import ORDER_SAGA, StepDefinition, WorkflowDefinition
+from contracts.definitions import ORDER_SAGA, RetryPolicy, StepDefinition, WorkflowDefinition
 from contracts.envelope import Envelope
+from contracts.messages import CANCEL_REQUESTED, RETRY_REQUESTED, SLA_BREACHED, TIMER_FIRED
 from controller import state_machine
 from controller.instance import Instance, StepStatus, WorkflowStatus
 
@@ -24,12 +25,19 @@ ORDER = {
 class Saga:
     """Feeds events to the state machine and keeps the latest instance."""
 
-    def __init__(self, definition: WorkflowDefinition = ORDER_SAGA, payload: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        definition: WorkflowDefinition = ORDER_SAGA,
+        payload: dict[str, Any] | None = None,
+        sla_s: float | None = None,
+    ) -> None:
         self.definition = definition
         self.now = T0
-        result = state_machine.start(definition, "wf-1", payload or {"order": ORDER}, self.now)
+        result = state_machine.start(definition, "wf-1", payload or {"order": ORDER}, self.now, sla_s=sla_s)
         self.instance = result.instance
         self.sent = [m.type for m in result.outgoing]
+        self.outgoing = list(result.outgoing)
+        self.timer_changes = list(result.timers)
         self.history = list(result.history)
         self.counter = 0
 
@@ -53,8 +61,15 @@ class Saga:
         assert result.instance.version == before.version + 1
         self.instance = result.instance
         self.sent += [m.type for m in result.outgoing]
+        self.outgoing += result.outgoing
+        self.timer_changes += result.timers
         self.history += result.history
         return self.instance
+
+    def fire(self, timer: str) -> Instance:
+        """The timer ``timer`` (as currently set) fires."""
+        generation = self.instance.timers[timer]
+        return self.event(TIMER_FIRED, {"timer": timer, "generation": generation, "due_ms": 0})
 
     def status(self) -> WorkflowStatus:
         return self.instance.status
@@ -210,15 +225,61 @@ def test_a_completion_after_the_workflow_failed_reopens_compensation() -> None:
     assert saga.status() is WorkflowStatus.COMPENSATED
 
 
-def test_failed_compensation_needs_attention() -> None:
+def test_a_failed_compensation_is_retried_then_needs_attention() -> None:
     saga = Saga()
     saga.event("PaymentCaptured")
     saga.event("InventoryUnavailable", {"reason": "short"})
+    for attempt in range(1, 5):
+        saga.event("RefundFailed", {"reason": "card expired"})
+        assert saga.status() is WorkflowStatus.COMPENSATING
+        assert saga.instance.step("payment").retrying
+        saga.fire("comp:payment")  # the backoff passed: the next attempt goes out
+        assert saga.sent[-1] == "RefundPayment"
+        assert saga.instance.step("payment").attempts == attempt + 1
     saga.event("RefundFailed", {"reason": "card expired"})
     assert saga.status() is WorkflowStatus.NEEDS_ATTENTION
-    assert saga.instance.error == "compensating payment failed: card expired"
-    saga.event("PaymentRefunded")  # e.g. after an operator fixed it
-    assert saga.steps()["payment"] is StepStatus.COMPENSATED
+    assert saga.instance.error == "compensating payment failed after 5 attempts: card expired"
+    assert "comp:payment" not in saga.instance.timers
+    assert saga.sent.count("RefundPayment") == 5
+
+
+def test_retry_by_an_operator_resumes_a_compensation_that_gave_up() -> None:
+    saga = Saga()
+    saga.event("PaymentCaptured")
+    saga.event("InventoryUnavailable", {"reason": "short"})
+    for _ in range(4):
+        saga.event("RefundFailed", {"reason": "card expired"})
+        saga.fire("comp:payment")
+    saga.event("RefundFailed", {"reason": "card expired"})
+    assert saga.status() is WorkflowStatus.NEEDS_ATTENTION
+    with pytest.raises(state_machine.NotAllowed):
+        state_machine.check_operator_request(saga.instance, CANCEL_REQUESTED)
+    saga.event(RETRY_REQUESTED, {"by": "ops@example.com", "reason": "card updated"})
+    assert saga.status() is WorkflowStatus.COMPENSATING
+    assert saga.sent[-1] == "RefundPayment"
+    assert saga.instance.step("payment").attempts == 1
+    assert saga.history[-2].detail == "retry requested by ops@example.com: card updated"
+    saga.event("PaymentRefunded")
+    assert saga.status() is WorkflowStatus.COMPENSATED
+
+
+def test_a_compensation_without_answer_is_resent_after_a_backoff() -> None:
+    saga = Saga()
+    saga.event("PaymentCaptured")
+    saga.event("InventoryUnavailable", {"reason": "short"})
+    payment = saga.instance.step("payment")
+    assert payment.deadline_at == saga.now + timedelta(seconds=30)
+    saga.fire("comp:payment")  # no answer within the timeout
+    assert saga.instance.step("payment").retrying
+    assert "no answer within 30s" in (saga.instance.step("payment").error or "")
+    saga.fire("comp:payment")  # backoff over
+    assert saga.sent[-2:] == ["RefundPayment", "RefundPayment"]
+    first, second = saga.outgoing[-2:]
+    assert (first.attempt, second.attempt) == (1, 2)
+    assert first.message_id != second.message_id
+    saga.event("PaymentRefunded")
+    assert saga.status() is WorkflowStatus.COMPENSATED
+    assert saga.instance.timers == {}
 
 
 @pytest.mark.parametrize("event", ["PaymentCaptured", "PaymentDeclined"])
@@ -312,3 +373,151 @@ def test_a_step_without_compensation_is_not_undone() -> None:
     saga.event("BFailed", {"reason": "no"})
     assert saga.status() is WorkflowStatus.FAILED
     assert saga.steps() == {"a": "completed", "b": "failed"}
+
+
+# --- deadlines, SLAs, operators ---------------------------------------------------
+
+
+def test_a_running_step_has_a_deadline_and_a_timer_cancelled_when_it_ends() -> None:
+    saga = Saga()
+    assert saga.instance.step("payment").deadline_at == T0 + timedelta(seconds=30)
+    assert set(saga.instance.timers) == {"sla", "step:payment"}
+    assert saga.instance.sla_deadline_at == T0 + timedelta(seconds=300)
+    generation = saga.instance.timers["step:payment"]
+    saga.event("PaymentCaptured")
+    assert saga.instance.step("payment").deadline_at is None
+    assert set(saga.instance.timers) == {"sla", "step:inventory"}
+    cancelled = [c for c in saga.timer_changes if c.name == "step:payment" and c.delay_s is None]
+    assert cancelled == [state_machine.TimerChange("step:payment", cancel=generation)]
+
+
+def test_a_step_that_times_out_compensates_and_its_late_success_is_undone() -> None:
+    saga = Saga()
+    saga.event("PaymentCaptured")
+    saga.event("InventoryReserved")
+    saga.fire("step:shipping")
+    assert saga.steps()["shipping"] is StepStatus.TIMED_OUT
+    assert saga.instance.error == "shipping timed out after 60s"
+    assert saga.sent[-1] == "ReleaseInventory"
+    saga.event("InventoryReleased")
+    saga.event("PaymentRefunded")
+    assert saga.status() is WorkflowStatus.COMPENSATED
+    # the shipping worker comes back and processes its stale trigger
+    saga.event("ShipmentScheduled", {"shipment_id": "late"})
+    assert saga.status() is WorkflowStatus.COMPENSATING
+    assert saga.sent[-1] == "CancelShipment"
+    assert "completed while the workflow was compensated" in (saga.history[-2].detail or "")
+    saga.event("ShipmentCancelled")
+    assert saga.status() is WorkflowStatus.COMPENSATED
+    assert saga.steps()["shipping"] is StepStatus.COMPENSATED
+
+
+def test_a_non_critical_step_that_times_out_is_flagged_and_the_workflow_completes() -> None:
+    saga = Saga()
+    for event in ("PaymentCaptured", "InventoryReserved", "ShipmentScheduled"):
+        saga.event(event)
+    saga.fire("step:notification")
+    assert saga.status() is WorkflowStatus.COMPLETED
+    assert saga.steps()["notification"] is StepStatus.TIMED_OUT
+    assert saga.instance.timers == {}
+
+
+def test_an_sla_breach_compensates_by_default() -> None:
+    saga = Saga()
+    saga.event("PaymentCaptured")
+    saga.fire("sla")
+    assert saga.instance.sla_breached
+    assert saga.instance.error == "SLA of 300s breached"
+    assert saga.sent[-2:] == [SLA_BREACHED, "RefundPayment"]
+    assert saga.status() is WorkflowStatus.COMPENSATING
+
+
+def test_an_sla_breach_can_be_only_flagged() -> None:
+    saga = Saga(ORDER_SAGA.model_copy(update={"on_breach": "flag"}), sla_s=5)
+    assert saga.instance.sla_deadline_at == T0 + timedelta(seconds=5)
+    saga.fire("sla")
+    assert saga.instance.sla_breached
+    assert saga.sent[-1] == SLA_BREACHED
+    assert saga.status() is WorkflowStatus.RUNNING
+    for event in ("PaymentCaptured", "InventoryReserved", "ShipmentScheduled", "CustomerNotified"):
+        saga.event(event)
+    assert saga.status() is WorkflowStatus.COMPLETED
+    assert saga.instance.sla_breached
+
+
+def test_a_submission_may_tighten_the_sla_but_not_loosen_it() -> None:
+    assert state_machine.effective_sla(ORDER_SAGA, 10) == 10
+    assert state_machine.effective_sla(ORDER_SAGA, None) == 300
+    with pytest.raises(ValueError, match="may not exceed"):
+        state_machine.effective_sla(ORDER_SAGA, 301)
+    with pytest.raises(ValueError, match="positive"):
+        state_machine.effective_sla(ORDER_SAGA, 0)
+
+
+def test_a_stale_timer_changes_nothing() -> None:
+    saga = Saga()
+    stale = saga.instance.timers["step:payment"]
+    saga.event("PaymentCaptured")
+    saga.event(TIMER_FIRED, {"timer": "step:payment", "generation": stale, "due_ms": 0})
+    assert saga.history[-1].detail == "stale timer step:payment; ignored"
+    assert saga.steps()["payment"] is StepStatus.COMPLETED
+
+
+def test_cancel_compensates_a_running_workflow_and_records_who() -> None:
+    saga = Saga()
+    saga.event("PaymentCaptured")
+    saga.event(CANCEL_REQUESTED, {"by": "alice", "reason": "customer called"})
+    assert saga.instance.error == "cancelled by alice: customer called"
+    assert saga.sent[-1] == "RefundPayment"
+    saga.event("PaymentRefunded")
+    # the inventory step was running when cancelled: its timeout bounds the wait
+    assert saga.status() is WorkflowStatus.COMPENSATING
+    saga.fire("step:inventory")
+    assert saga.status() is WorkflowStatus.COMPENSATED
+    with pytest.raises(state_machine.NotAllowed, match="only a running workflow"):
+        state_machine.check_operator_request(saga.instance, CANCEL_REQUESTED)
+
+
+def test_finishing_cancels_every_timer() -> None:
+    saga = Saga()
+    saga.event("PaymentDeclined", {"reason": "no"})
+    assert saga.status() is WorkflowStatus.FAILED
+    assert saga.instance.timers == {}
+    assert {c.name for c in saga.timer_changes if c.delay_s is None} == {"sla", "step:payment"}
+
+
+def test_an_orchestrated_step_command_is_retried_before_the_step_times_out() -> None:
+    definition = WorkflowDefinition(
+        name="kyc",
+        start="Applied",
+        steps=(
+            StepDefinition(
+                name="check",
+                participant="checker",
+                trigger="Applied",
+                completed="Checked",
+                orchestrated=True,
+                command="RunCheck",
+                timeout_s=10,
+                retry=RetryPolicy(max_attempts=2, base_s=1, jitter=0),
+            ),
+        ),
+    )
+    saga = Saga(definition, {"applicant": "a"})
+    saga.fire("step:check")  # attempt 1 unanswered: wait, then try again
+    assert saga.sent == ["Applied", "RunCheck"]
+    saga.fire("step:check")
+    assert saga.sent == ["Applied", "RunCheck", "RunCheck"]
+    saga.fire("step:check")  # attempt 2 unanswered: out of attempts
+    assert saga.status() is WorkflowStatus.FAILED
+    assert saga.steps() == {"check": "timed_out"}
+
+
+def test_backoff_grows_exponentially_with_bounded_deterministic_jitter() -> None:
+    policy = RetryPolicy(base_s=1, max_s=8, jitter=0.2)
+    delays = [policy.delay_s(n, "wf") for n in range(1, 7)]
+    for n, delay in enumerate(delays, start=1):
+        nominal = min(2 ** (n - 1), 8)
+        assert nominal * 0.8 <= delay <= nominal * 1.2
+    assert delays == [policy.delay_s(n, "wf") for n in range(1, 7)]
+    assert RetryPolicy(base_s=1, jitter=0).delay_s(3, "x") == 4
