@@ -23,7 +23,8 @@ REF = WorkflowRef(name="order", version=3)
 async def fired_entries(redis: Redis) -> list[Any]:
     entries: list[Any] = []
     for p in range(P):
-        entries += await redis.xrange(naming.message_stream(p, TIMER_FIRED))
+        found: Any = await redis.xrange(naming.message_stream(p, TIMER_FIRED))
+        entries += found
     return entries
 
 
