@@ -32,6 +32,7 @@ class Deployment:
         self.port = free_port()
         self.api = f"http://127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.controller_args: list[str] = []
 
     def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("ab")
@@ -46,7 +47,7 @@ class Deployment:
         self.processes[name] = process
         return process
 
-    def start_controller(self, name: str = "controller") -> None:
+    def start_controller(self, name: str = "controller", *extra: str) -> None:
         self._spawn(
             name,
             [
@@ -59,6 +60,8 @@ class Deployment:
                 str(self.port),
                 "--consumer",
                 name,
+                *self.controller_args,
+                *extra,
             ],
         )
 
@@ -82,10 +85,11 @@ class Deployment:
         )
         return name
 
-    def start_all(self) -> None:
+    def start_all(self, *, without: Sequence[str] = ()) -> None:
         self.start_controller()
         for worker in WORKER_NAMES:
-            self.start_worker(worker)
+            if worker not in without:
+                self.start_worker(worker)
 
     def kill(self, name: str) -> None:
         """kill -9: no drain, no cleanup — a crash."""
