@@ -9,9 +9,10 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import ValidationError
@@ -19,6 +20,11 @@ from yarl import URL
 
 from contracts.definitions import ORDER_SAGA
 from controller.settings import DEFAULT_REDIS_URL, REDIS_URL_ENV, ControllerSettings
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from controller.dead_letters import DeadLetter
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +211,7 @@ def _worker(args: argparse.Namespace) -> int:
         "default_stock": args.default_stock,
         "countries": args.countries,
         "notify_fail_customers": args.notify_fail_customers,
+        "refund_fail_customers": args.refund_fail_customers,
     }
     settings = WorkerSettings(**{name: value for name, value in given.items() if value is not None})
     asyncio.run(until_signalled(lambda stop: run_worker(args.name, settings, stop)))
@@ -248,6 +255,12 @@ def _worker_parser(sub: Any) -> None:
         type=_names,
         metavar="ID,ID,...",
         help="customer ids whose notification fails, to exercise a non-critical failure (default: none)",
+    )
+    p.add_argument(
+        "--refund-fail-customers",
+        type=_names,
+        metavar="ID,ID,...",
+        help="customer ids whose refund fails, to exercise a compensation that needs attention (default: none)",
     )
     p.set_defaults(run=_worker)
 
@@ -377,6 +390,295 @@ def _ledger_parser(sub: Any) -> None:
     p.set_defaults(run=_ledger)
 
 
+# --- dlq ---------------------------------------------------------------------------
+
+REASON_WIDTH = 72
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds: {text!r}")
+    return value
+
+
+def _dlq_fail(args: argparse.Namespace, message: str) -> None:
+    print(f"streamsaga dlq {args.action}: {message}", file=sys.stderr)
+
+
+def _with_redis(args: argparse.Namespace, work: Callable[[Redis], Awaitable[int]]) -> int:
+    """Run ``work(redis)`` on a client of ``--redis-url``; exit 1 if Redis cannot be used."""
+    from redis.exceptions import RedisError
+
+    from participants.sdk.connection import connect
+
+    async def run() -> int:
+        redis = connect(args.redis_url, name=f"streamsaga-dlq-{args.action}")
+        try:
+            return await work(redis)
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(run())
+    except (RedisError, OSError) as exc:
+        _dlq_fail(args, f"cannot use Redis at {args.redis_url}: {exc}")
+        return 1
+
+
+def _table(header: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()) -> list[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return [line(header), line(["-" * width for width in widths]), *map(line, rows)]
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_dead_letters(letters: Sequence[DeadLetter]) -> str:
+    """Dead letters as a table, one line each; the reason shortened to fit."""
+    header = ["ID", "FAILED AT (UTC)", "TRIES", "GROUP", "TYPE", "WORKFLOW", "REASON"]
+    rows = [
+        [
+            letter.id,
+            _when(letter.failed_at),
+            str(letter.deliveries),
+            letter.group or "-",
+            letter.type or "-",
+            letter.correlation_id or "-",
+            _shorten(letter.reason, REASON_WIDTH),
+        ]
+        for letter in letters
+    ]
+    return "\n".join(_table(header, rows, right=frozenset({2})))
+
+
+def format_dead_letter(letter: DeadLetter) -> str:
+    """One dead letter in full: where it came from, why, and its original fields."""
+    lines = [
+        f"id:           {letter.id}",
+        f"reason:       {letter.reason}",
+        f"type:         {letter.type or '-'}",
+        f"workflow:     {letter.correlation_id or '-'}",
+        f"message id:   {letter.message_id or '-'}",
+        f"source:       {letter.source_stream} entry {letter.source_id}",
+        f"given up by:  group {letter.group}, consumer {letter.consumer}",
+        f"deliveries:   {letter.deliveries}",
+        f"failed at:    {_when(letter.failed_at)} UTC",
+        "original fields:" if letter.fields else "original fields: (none)",
+    ]
+    for name, value in letter.fields.items():
+        lines.append(f"  {name}: {_pretty_json(value)}")
+    return "\n".join(lines)
+
+
+def _pretty_json(value: str) -> str:
+    """A JSON object or array indented under its field name; anything else as is."""
+    if not value.startswith(("{", "[")):
+        return value
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value
+    return orjson.dumps(parsed, option=orjson.OPT_INDENT_2).decode().replace("\n", "\n  ")
+
+
+def _dlq_json(data: Any) -> None:
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    from controller import dead_letters
+
+    async def work(redis: Redis) -> int:
+        found = await dead_letters.list_dead_letters(
+            redis, args.partitions, limit=args.limit, group=args.group, type=args.type, workflow_id=args.workflow
+        )
+        if args.json:
+            _dlq_json({"dead_letters": [letter.model_dump(mode="json") for letter in found]})
+        elif not found:
+            filtered = args.group or args.type or args.workflow
+            print("no dead letters" + (" match" if filtered else ""))
+        else:
+            print(format_dead_letters(found))
+            if len(found) == args.limit:
+                print(f"(the newest {args.limit}; --limit shows more)", file=sys.stderr)
+        return 0
+
+    return _with_redis(args, work)
+
+
+def _dlq_show(args: argparse.Namespace) -> int:
+    from controller import dead_letters
+
+    try:
+        dead_letters.DeadLetterId.parse(args.id)
+    except dead_letters.InvalidDeadLetterId as exc:
+        _dlq_fail(args, str(exc))
+        return 2
+
+    async def work(redis: Redis) -> int:
+        letter = await dead_letters.get(redis, args.id)
+        if letter is None:
+            _dlq_fail(args, str(dead_letters.NoSuchDeadLetter(args.id)))
+            return 1
+        if args.json:
+            _dlq_json(letter.model_dump(mode="json"))
+        else:
+            print(format_dead_letter(letter))
+        return 0
+
+    return _with_redis(args, work)
+
+
+def _dlq_replay(args: argparse.Namespace) -> int:
+    from controller import dead_letters
+    from participants.sdk.commit import CommitScript
+
+    try:
+        for dead_letter_id in args.ids:
+            dead_letters.DeadLetterId.parse(dead_letter_id)
+    except dead_letters.InvalidDeadLetterId as exc:
+        _dlq_fail(args, f"{exc}; nothing replayed")
+        return 2
+
+    async def work(redis: Redis) -> int:
+        script = CommitScript()
+        failed = 0
+        for dead_letter_id in dict.fromkeys(args.ids):
+            letter = await dead_letters.get(redis, dead_letter_id)
+            try:
+                if letter is None:
+                    raise dead_letters.NoSuchDeadLetter(dead_letter_id)
+                entry_id = await dead_letters.replay_letter(redis, letter, partitions=args.partitions, script=script)
+            except (dead_letters.NoSuchDeadLetter, dead_letters.NotReplayable) as exc:
+                _dlq_fail(args, str(exc))
+                failed += 1
+                continue
+            print(f"replayed {dead_letter_id} to {letter.source_stream} as {entry_id}")
+        return 1 if failed else 0
+
+    return _with_redis(args, work)
+
+
+def _dlq_purge(args: argparse.Namespace) -> int:
+    from controller import dead_letters
+
+    chosen = [
+        name
+        for name, given in (("--all", args.all), ("ID", args.ids), ("--older-than", args.older_than is not None))
+        if given
+    ]
+    if len(chosen) != 1:
+        _dlq_fail(
+            args, "give exactly one of --all, IDs or --older-than" + (f", not {' and '.join(chosen)}" if chosen else "")
+        )
+        return 2
+    try:
+        for dead_letter_id in args.ids:
+            dead_letters.DeadLetterId.parse(dead_letter_id)
+    except dead_letters.InvalidDeadLetterId as exc:
+        _dlq_fail(args, f"{exc}; nothing purged")
+        return 2
+    if args.all:
+        what = f"every dead letter of {args.partitions} partitions"
+    elif args.ids:
+        what = f"{len(set(args.ids))} dead letter{'s' if len(set(args.ids)) > 1 else ''}"
+    else:
+        what = f"every dead letter older than {args.older_than:g}s"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            _dlq_fail(args, f"refusing to purge {what} without --yes (standard input is not a terminal)")
+            return 2
+        answer = input(f"Purge {what} from {args.redis_url}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            _dlq_fail(args, "nothing purged")
+            return 1
+    older_than_ms = None if args.older_than is None else round(args.older_than * 1000)
+
+    async def work(redis: Redis) -> int:
+        purged = await dead_letters.purge(redis, args.partitions, ids=args.ids or None, older_than_ms=older_than_ms)
+        print(f"purged {purged} dead letter{'' if purged == 1 else 's'}")
+        return 0
+
+    return _with_redis(args, work)
+
+
+def _dlq_common(parser: argparse.ArgumentParser) -> None:
+    _add_redis_url(parser)
+    _add_partitions(parser)
+
+
+def _dlq_parser(sub: Any) -> None:
+    p = sub.add_parser("dlq", help="inspect, replay and purge dead letters", description=(
+        "Dead letters are messages a consumer (the controller or a worker) could not handle: undecodable, "
+        "on the wrong stream, an invalid payload, no such workflow, or a handler that kept failing. Each "
+        "partition keeps them in its dead-letter stream with the reason, the original fields and the "
+        "delivery count. An ID is <partition>-<entry id>, e.g. 7-1795292530341-0. See docs/operations.md."
+    ))  # fmt: skip
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    listing = actions.add_parser("list", help="list dead letters, newest first", description=(
+        "List the newest dead letters of every partition, newest first, one line each."
+    ))  # fmt: skip
+    _dlq_common(listing)
+    listing.add_argument(
+        "--limit", type=_positive, default=100, metavar="N", help="show at most N (default: %(default)s)"
+    )
+    listing.add_argument("--group", metavar="G", help="only those given up by consumer group G (controller, payment…)")
+    listing.add_argument("--type", metavar="T", help="only messages of type T")
+    listing.add_argument("--workflow", metavar="ID", help="only messages of workflow ID (their correlation id)")
+    listing.add_argument("--json", action="store_true", help='print {"dead_letters": [...]} as the API answers')
+    listing.set_defaults(run=_dlq_list)
+
+    show = actions.add_parser("show", help="show one dead letter in full", description=(
+        "Show one dead letter: the reason, where it was, who gave up after how many deliveries, and "
+        "every original field (the envelope pretty-printed). Exits 1 if there is no such dead letter."
+    ))  # fmt: skip
+    _dlq_common(show)
+    show.add_argument("id", metavar="ID", help="the dead letter's id")
+    show.add_argument("--json", action="store_true", help="print it as JSON, as the API answers")
+    show.set_defaults(run=_dlq_show)
+
+    replay = actions.add_parser("replay", help="send dead letters back to their streams", description=(
+        "Write each dead letter's original fields back to the stream it came from and delete it, atomically, "
+        "so every group reading that stream gets it again (consumers that already handled its message_id "
+        "skip it). Fix the cause first. A dead letter whose fields could not stand on that stream "
+        "(say an undecodable entry) is refused. Exits 1 if any ID could not be replayed."
+    ))  # fmt: skip
+    _dlq_common(replay)
+    replay.add_argument("ids", nargs="+", metavar="ID", help="dead letters to replay, in this order")
+    replay.set_defaults(run=_dlq_replay)
+
+    purge = actions.add_parser("purge", help="delete dead letters", description=(
+        "Delete dead letters for good: every one (--all), the given IDs, or those older than SECONDS. "
+        "Without --yes it asks for confirmation when standard input is a terminal, and refuses otherwise."
+    ))  # fmt: skip
+    _dlq_common(purge)
+    purge.add_argument("ids", nargs="*", metavar="ID", help="dead letters to delete")
+    purge.add_argument("--all", action="store_true", help="delete every dead letter of every partition")
+    purge.add_argument(
+        "--older-than", type=_seconds, metavar="SECONDS", help="delete those that arrived longer ago than this"
+    )
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    purge.set_defaults(run=_dlq_purge)
+
+
 # --- dev ---------------------------------------------------------------------------
 
 
@@ -447,7 +749,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level (default: %(default)s)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_dev_parser, _controller_parser, _worker_parser, _submit_parser, _contracts_parser, _ledger_parser):
+    for add in (
+        _dev_parser,
+        _controller_parser,
+        _worker_parser,
+        _submit_parser,
+        _contracts_parser,
+        _ledger_parser,
+        _dlq_parser,
+    ):
         add(sub)
     return parser
 

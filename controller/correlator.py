@@ -16,14 +16,14 @@ from datetime import datetime
 from redis.asyncio import Redis
 
 from contracts import naming
-from contracts.envelope import DecodeError, Envelope, decode, utcnow
-from contracts.messages import PayloadError, validate_payload
+from contracts.envelope import DecodeError, Envelope, utcnow
+from contracts.messages import PayloadError
 from controller import state_machine
 from controller.definitions import Definitions, UnknownWorkflow
 from controller.instance import Instance
 from controller.store import WorkflowStore
 from participants.sdk.commit import Commit, Outcome
-from participants.sdk.consumer import Entry, GroupReader, RetryPolicy
+from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, decode_entry
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Correlator:
         decoded: list[tuple[Entry, Envelope]] = []
         for entry in entries:
             try:
-                decoded.append((entry, self._decode(entry)))
+                decoded.append((entry, decode_entry(entry, self.store.partitions)))
             except (DecodeError, PayloadError) as exc:
                 rejected.append((entry, exc.reason))
         # Apply in time order across streams: entry ids give the server's millisecond,
@@ -120,16 +120,6 @@ class Correlator:
             log.warning("version conflicts persisted for %d workflows; their events will be retried", len(work))
         if rejected:
             await self._dead_letter(rejected)
-
-    def _decode(self, entry: Entry) -> Envelope:
-        stream_type = naming.type_of_stream(entry.stream)
-        envelope = decode(entry.fields)
-        if envelope.type != stream_type:
-            raise DecodeError(f"type {envelope.type!r} does not belong on the {stream_type} stream")
-        if naming.partition_of(envelope.correlation_id, self.store.partitions) != entry.partition:
-            raise DecodeError(f"correlation_id {envelope.correlation_id!r} belongs to another partition")
-        validate_payload(envelope.type, envelope.payload)
-        return envelope
 
     async def _apply(
         self, work: dict[str, list[tuple[Entry, Envelope]]], rejected: list[tuple[Entry, str]]

@@ -10,7 +10,14 @@ import logging
 from decimal import Decimal
 
 from contracts.envelope import derived_message_id
-from contracts.messages import Compensated, CompensationCommand, OrderSubmitted, PaymentCaptured, PaymentDeclined
+from contracts.messages import (
+    Compensated,
+    CompensationCommand,
+    CompensationFailed,
+    OrderSubmitted,
+    PaymentCaptured,
+    PaymentDeclined,
+)
 from participants import ledger
 from participants.ledger import Capture, Refund
 from participants.sdk import Message, Participant, Reply
@@ -20,8 +27,12 @@ log = logging.getLogger(__name__)
 DEFAULT_LIMIT = Decimal("1000.00")
 
 
-def build(limit: Decimal = DEFAULT_LIMIT) -> Participant:
-    """The payment participant, declining orders whose total exceeds ``limit``."""
+def build(limit: Decimal = DEFAULT_LIMIT, refund_fail_customers: tuple[str, ...] = ()) -> Participant:
+    """The payment participant, declining orders whose total exceeds ``limit``.
+
+    Refunds for the customers in ``refund_fail_customers`` fail (``RefundFailed``),
+    to show a compensation that needs an operator's attention.
+    """
     payment = Participant(ledger.PAYMENT)
 
     @payment.on("OrderSubmitted")
@@ -51,6 +62,11 @@ def build(limit: Decimal = DEFAULT_LIMIT) -> Participant:
     @payment.compensates("RefundPayment")
     async def refund(msg: Message) -> Reply:
         command = msg.parse(CompensationCommand)
+        customer = (command.completed.get("order") or {}).get("customer_id")
+        if customer in refund_fail_customers:
+            reason = f"the card of customer {customer} cannot be refunded"
+            log.warning("refund failed: %s", reason, extra={"correlation_id": msg.correlation_id})
+            return Reply("RefundFailed", CompensationFailed(reason=reason))
         raw = await msg.redis.hget(ledger.CAPTURES, msg.correlation_id)
         if raw is None:
             return Reply("PaymentRefunded", Compensated(step=command.step, detail="nothing was captured"))

@@ -37,6 +37,8 @@ class WorkerSettings:
     countries: tuple[str, ...] = shipping.DEFAULT_COUNTRIES
     notify_fail_customers: tuple[str, ...] = ()
     """Customers whose notification fails (for demos and tests)."""
+    refund_fail_customers: tuple[str, ...] = ()
+    """Customers whose refund fails (for demos and tests of a compensation that needs attention)."""
 
     def runner_settings(self) -> RunnerSettings:
         return RunnerSettings(
@@ -55,7 +57,7 @@ class WorkerSettings:
 def build(name: str, settings: WorkerSettings) -> Participant:
     """The participant of the example worker ``name``."""
     if name == "payment":
-        return payment.build(limit=settings.payment_limit)
+        return payment.build(limit=settings.payment_limit, refund_fail_customers=settings.refund_fail_customers)
     if name == "inventory":
         return inventory.build(default_stock=settings.default_stock)
     if name == "shipping":

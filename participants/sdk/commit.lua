@@ -8,8 +8,10 @@
 --   zadd   = [[k, score, member]], zrem = [[k, member]], hincrby = [[k, field, n]]
 --   zaddin = [[k, delay_ms, member]]   score = the server's clock (ms) + delay_ms
 --   expire = [[k, ttl]], ack = [[k, group, id]]
+--   xdel   = [[k, id]]             delete one stream entry (after the xadds)
 -- A duplicate still acks: its work was done by the commit that recorded it.
--- Returns {'ok'} | {'dup', value?} | {'conflict', current_version}.
+-- Returns {'ok', '', id, ...} (the ids the xadds appended, in order; just {'ok'}
+-- when there were none) | {'dup', value?} | {'conflict', current_version}.
 local spec = cjson.decode(ARGV[1])
 
 local function ack()
@@ -48,14 +50,18 @@ for _, r in ipairs(spec.rpush or {}) do
   for i = 2, #r do args[#args + 1] = r[i] end
   redis.call('RPUSH', KEYS[r[1]], unpack(args))
 end
+local added = {}
 for _, x in ipairs(spec.xadd or {}) do
   local args = {}
   for i = 3, #x do args[#args + 1] = x[i] end
   if x[2] ~= '' then
-    redis.call('XADD', KEYS[x[1]], 'MAXLEN', '~', x[2], '*', unpack(args))
+    added[#added + 1] = redis.call('XADD', KEYS[x[1]], 'MAXLEN', '~', x[2], '*', unpack(args))
   else
-    redis.call('XADD', KEYS[x[1]], '*', unpack(args))
+    added[#added + 1] = redis.call('XADD', KEYS[x[1]], '*', unpack(args))
   end
+end
+for _, x in ipairs(spec.xdel or {}) do
+  redis.call('XDEL', KEYS[x[1]], x[2])
 end
 for _, z in ipairs(spec.zadd or {}) do
   redis.call('ZADD', KEYS[z[1]], z[2], z[3])
@@ -88,4 +94,5 @@ for _, e in ipairs(spec.expire or {}) do
   redis.call('EXPIRE', KEYS[e[1]], e[2])
 end
 ack()
-return {'ok'}
+if #added == 0 then return {'ok'} end
+return {'ok', '', unpack(added)}

@@ -30,6 +30,7 @@ class Outcome(StrEnum):
 class CommitResult:
     outcome: Outcome
     value: str | None = None  # the recorded value of a duplicate `once`, or the current version on conflict
+    added: tuple[str, ...] = ()  # on OK: the ids of the entries the xadds appended, in order
 
 
 def _slot_tag(key: str) -> str:
@@ -108,6 +109,10 @@ class Commit:
     def ack(self, stream: str, group: str, entry_id: str) -> Commit:
         return self._add("ack", self._k(stream), group, entry_id)
 
+    def xdel(self, stream: str, entry_id: str) -> Commit:
+        """Delete one entry of ``stream`` (after this commit's xadds)."""
+        return self._add("xdel", self._k(stream), entry_id)
+
 
 ScriptCall = tuple[list[str], list[str | bytes]]  # (keys, args)
 
@@ -165,4 +170,6 @@ def _result(raw: Any) -> CommitResult:
     if isinstance(raw, Exception):
         raise raw
     outcome = Outcome(_text(raw[0]))
+    if outcome is Outcome.OK:
+        return CommitResult(outcome, added=tuple(_text(entry_id) for entry_id in raw[2:]))
     return CommitResult(outcome, _text(raw[1]) if len(raw) > 1 else None)

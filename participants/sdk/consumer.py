@@ -19,6 +19,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from contracts import naming
+from contracts.envelope import DecodeError, Envelope, decode
+from contracts.messages import validate_payload
 from participants.sdk.commit import Commit, CommitScript
 from participants.sdk.connection import MAX_BLOCK_MS
 
@@ -61,6 +63,22 @@ class RetryPolicy:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def decode_entry(entry: Entry, partitions: int) -> Envelope:
+    """The envelope of a message-stream entry, checked against where it was found.
+
+    Raises :class:`DecodeError` (undecodable, wrong stream, wrong partition) or
+    :class:`PayloadError` (invalid payload); both carry a ``reason`` for the dead letter.
+    """
+    stream_type = naming.type_of_stream(entry.stream)
+    envelope = decode(entry.fields)
+    if envelope.type != stream_type:
+        raise DecodeError(f"type {envelope.type!r} does not belong on the {stream_type} stream")
+    if naming.partition_of(envelope.correlation_id, partitions) != entry.partition:
+        raise DecodeError(f"correlation_id {envelope.correlation_id!r} belongs to another partition")
+    validate_payload(envelope.type, envelope.payload)
+    return envelope
 
 
 def dead_letter_commit(entry: Entry, group: str, consumer: str, reason: str) -> Commit:

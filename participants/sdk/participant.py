@@ -63,7 +63,7 @@ class Message:
     """One delivery of a message to a participant."""
 
     envelope: Envelope
-    redis: Redis
+    redis: Redis = field(repr=False)
     """The participant's client, for its own business state (under :func:`contracts.naming.participant_key`)."""
     participant: str
     stream: str = ""

@@ -40,11 +40,11 @@ from redis.exceptions import RedisError
 from redis.typing import StreamIdT
 
 from contracts import naming
-from contracts.envelope import DecodeError, Envelope, decode, derived_message_id, encode, utcnow
+from contracts.envelope import DecodeError, Envelope, derived_message_id, encode, utcnow
 from contracts.messages import PayloadError, validate_payload
 from participants.sdk.commit import Commit, CommitResult, CommitScript, Outcome
 from participants.sdk.connection import connect
-from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit
+from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit, decode_entry
 from participants.sdk.errors import Reject, Retry
 from participants.sdk.participant import Message, Participant, Reply
 
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 OUTCOME_TTL_S = 7 * 86_400
 MAX_BLOCK_MS = 1_000
 _PAUSE_AFTER_ERROR_S = 0.5
+_STOP_GRACE_S = 5.0
 
 _Key = tuple[str, str]  # (stream, entry id)
 
@@ -188,6 +189,7 @@ class Runner:
         self._last_error: dict[_Key, str] = {}
         self._batches: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._heartbeat_halt = asyncio.Event()
         self._started_ms = int(time.time() * 1000)
 
     @property
@@ -228,7 +230,10 @@ class Runner:
             await self._redis.aclose()
             self._redis = None
             raise
-        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name=f"{self.heartbeat_field} heartbeat")
+        self._heartbeat_halt.clear()
+        self._heartbeat = asyncio.create_task(
+            self._heartbeat_loop(self._heartbeat_halt), name=f"{self.heartbeat_field} heartbeat"
+        )
         log.info(
             "%s started as consumer %s on %d streams (%s)",
             self.participant.name,
@@ -244,8 +249,10 @@ class Runner:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await _cancel([*self._batches, *([self._heartbeat] if self._heartbeat else [])])
-        self._heartbeat = None
+        await _cancel(list(self._batches))  # only left when run() was cancelled: a hard stop
+        if self._heartbeat is not None:
+            await _finish(self._heartbeat, self._heartbeat_halt)
+            self._heartbeat = None
         redis = self.redis
         try:
             await redis.hdel(naming.heartbeat_key(), self.heartbeat_field)
@@ -260,15 +267,16 @@ class Runner:
     async def run(self, stop: asyncio.Event) -> None:
         """Read and handle until ``stop`` is set; then finish the messages in
         flight and commit their outcomes before returning."""
-        maintenance = asyncio.create_task(self._maintenance_loop(stop), name=f"{self.heartbeat_field} pending")
+        halt = asyncio.Event()
+        maintenance = asyncio.create_task(self._maintenance_loop(stop, halt), name=f"{self.heartbeat_field} pending")
         try:
             await self._read_loop(stop)
             if self._batches:
                 log.info("%s draining %d messages in flight", self.heartbeat_field, len(self._in_flight))
-            await self._drain()
+            await self._drain()  # the maintenance loop keeps holding their entries meanwhile
         finally:
-            await _cancel([maintenance])
-            await _cancel(list(self._batches))  # only left when run() itself is cancelled
+            await _finish(maintenance, halt)
+        await self._drain()  # a retry the maintenance loop started as stop was set
 
     async def _drain(self) -> None:
         while self._batches:
@@ -327,7 +335,7 @@ class Runner:
             valid: list[tuple[Entry, Envelope]] = []
             for entry in entries:
                 try:
-                    valid.append((entry, self._decode(entry)))
+                    valid.append((entry, decode_entry(entry, self.settings.partitions)))
                 except (DecodeError, PayloadError) as error:
                     commits.append(self._dead_letter_commit(entry, error.reason))
                     kinds.append((_Kind.DEAD_LETTER, 0))
@@ -377,16 +385,6 @@ class Runner:
         finally:
             self._give(held)
             self._in_flight.difference_update((entry.stream, entry.id) for entry in entries)
-
-    def _decode(self, entry: Entry) -> Envelope:
-        stream_type = naming.type_of_stream(entry.stream)
-        envelope = decode(entry.fields)
-        if envelope.type != stream_type:
-            raise DecodeError(f"type {envelope.type!r} does not belong on the {stream_type} stream")
-        if naming.partition_of(envelope.correlation_id, self.settings.partitions) != entry.partition:
-            raise DecodeError(f"correlation_id {envelope.correlation_id!r} belongs to another partition")
-        validate_payload(envelope.type, envelope.payload)
-        return envelope
 
     async def _already_handled(self, valid: list[tuple[Entry, Envelope]]) -> list[bool]:
         if not valid:
@@ -520,17 +518,17 @@ class Runner:
 
     # --- retries, takeover, dead letters --------------------------------------------
 
-    async def _maintenance_loop(self, stop: asyncio.Event) -> None:
-        while True:
+    async def _maintenance_loop(self, stop: asyncio.Event, halt: asyncio.Event) -> None:
+        while not halt.is_set():
             try:
-                await self._maintain(accept_work=not stop.is_set())
+                await self._maintain(stop)
             except RedisError as error:
                 log.warning("%s: pending scan failed (%s); trying again", self.heartbeat_field, error)
-            await asyncio.sleep(self.settings.pending_interval_s)
+            await _wait(halt, self.settings.pending_interval_s)
 
-    async def _maintain(self, *, accept_work: bool) -> None:
+    async def _maintain(self, stop: asyncio.Event) -> None:
         await self._hold_and_release()
-        if not accept_work:
+        if stop.is_set():
             return
         retry, exhausted = await self.reader.pending()
         busy = self._in_flight.union(self._not_before)
@@ -548,8 +546,8 @@ class Runner:
                 commits.append(self._dead_letter_commit(delivered, reason))
             await self._script.run(self.redis, commits)
             self.stats.dead_lettered += len(commits)
-        if retry:
-            self._spawn(retry)
+        if retry and not stop.is_set():
+            self._spawn(retry)  # when stopping, they stay pending for a peer
 
     async def _hold_and_release(self) -> None:
         """Refresh the idle time of the entries this consumer still holds, and
@@ -582,9 +580,11 @@ class Runner:
 
     # --- heartbeat -------------------------------------------------------------------
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+    async def _heartbeat_loop(self, halt: asyncio.Event) -> None:
+        while not halt.is_set():
+            await _wait(halt, self.settings.heartbeat_interval_s)
+            if halt.is_set():
+                return
             try:
                 await self._beat()
             except RedisError as error:
@@ -623,6 +623,18 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(event.wait(), seconds)
     except TimeoutError:
         return
+
+
+async def _finish(task: asyncio.Task[None], halt: asyncio.Event) -> None:
+    """Ask a loop to stop, wait for it, and cancel it only if it does not stop in time.
+
+    Loops that talk to Redis stop on ``halt`` rather than by cancellation alone: on
+    Python 3.11 a cancellation that races with a timeout-guarded read in the client
+    can be lost, and the loop would go on.
+    """
+    halt.set()
+    await asyncio.wait({task}, timeout=_STOP_GRACE_S)
+    await _cancel([task])
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:

@@ -132,6 +132,12 @@ class Deployment:
                         held += int(row["pending"])
         return held
 
+    def stop_process(self, name: str) -> None:
+        """SIGTERM: the process drains and exits."""
+        process = self.processes.pop(name)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+
     def stop(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:

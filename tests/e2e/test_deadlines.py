@@ -233,3 +233,44 @@ async def test_a_looser_sla_than_the_definition_is_rejected(
         problem = await response.json(content_type=None)
         assert problem["field"] == "sla_seconds"
         assert "may not exceed" in problem["detail"]
+
+
+async def test_a_compensation_that_keeps_failing_needs_attention_until_an_operator_retries(
+    deployment: Deployment, session: aiohttp.ClientSession, redis: Redis
+) -> None:
+    deployment.start_controller()
+    for worker in ("inventory", "shipping", "notification"):
+        deployment.start_worker(worker)
+    payment = deployment.start_worker("payment", 1, "--refund-fail-customers", "stuck")
+    await deployment.wait_ready(session)
+    body = order(customer="stuck", items=[("SKU-A", 1, "9.00")], country="JP")  # shipping fails: refund needed
+    status, reply = await deployment.submit(session, body)
+    assert status == 202, reply
+    workflow_id = reply["workflow_id"]
+    [state] = (
+        await wait_for(deployment, session, [workflow_id], lambda s: s["status"] == "needs_attention", "attention")
+    ).values()
+    assert state["error"].startswith("compensating payment failed after 3 attempts")
+    history = await deployment.history(session, workflow_id)
+    assert [e["type"] for e in history].count("RefundPayment") == 3
+    assert [e["type"] for e in history].count("RefundFailed") == 3
+    listed = await (await session.get(f"{deployment.api}/v1/workflows?status=needs_attention")).json()
+    assert [w["workflow_id"] for w in listed["workflows"]] == [workflow_id]
+
+    # the operator fixes the payment worker, then resumes the compensation
+    deployment.stop_process(payment)
+    deployment.start_worker("payment", 2)
+    async with session.post(
+        f"{deployment.api}/v1/workflows/{workflow_id}/retry", json={"by": "ops", "reason": "card replaced"}
+    ) as response:
+        assert response.status == 202, await response.text()
+    [state] = (await deployment.wait_terminal(session, [workflow_id])).values()
+    assert state["status"] == "compensated"
+    assert steps(state)["payment"] == "compensated"
+    retry = next(e for e in await deployment.history(session, workflow_id) if e["type"] == "RetryRequested")
+    assert retry["detail"] == "retry requested by ops: card replaced"
+    async with session.post(f"{deployment.api}/v1/workflows/{workflow_id}/retry") as response:
+        assert response.status == 409
+    ledger = await read_ledger(redis)
+    assert ledger.captured_cents == ledger.refunded_cents == 900
+    assert ledger.balanced

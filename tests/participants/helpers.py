@@ -125,7 +125,9 @@ def order(
     """An order payload; items are (sku, quantity, unit price)."""
     return {
         "customer_id": customer_id,
-        "items": [{"sku": sku, "quantity": quantity, "unit_price": str(Decimal(price))} for sku, quantity, price in items],
+        "items": [
+            {"sku": sku, "quantity": quantity, "unit_price": str(Decimal(price))} for sku, quantity, price in items
+        ],
         "currency": currency,
         "ship_to": {"country": country},
         "order_id": order_id,

@@ -45,7 +45,9 @@ def echo(calls: list[Message]) -> Participant:
     return p
 
 
-async def test_a_reply_carries_the_workflow_and_a_derived_id_and_the_entry_is_acked(redis: Redis, redis_url: str) -> None:
+async def test_a_reply_carries_the_workflow_and_a_derived_id_and_the_entry_is_acked(
+    redis: Redis, redis_url: str
+) -> None:
     calls: list[Message] = []
     incoming = envelope("Ping", {"n": 7}, traceparent=TRACEPARENT)
     async with running(echo(calls), fast_settings(redis_url)) as runner:
@@ -59,14 +61,18 @@ async def test_a_reply_carries_the_workflow_and_a_derived_id_and_the_entry_is_ac
     assert pong.payload == {"n": 7}
     assert stream_of(pong) == naming.message_stream(naming.partition_of(incoming.correlation_id, PARTITIONS), "Pong")
     assert await pending_count(redis, stream_of(incoming), "echo") == 0
-    outcome = await redis.get(naming.outcome_key(naming.partition_of_key(stream_of(incoming)), "echo", incoming.message_id))
+    outcome = await redis.get(
+        naming.outcome_key(naming.partition_of_key(stream_of(incoming)), "echo", incoming.message_id)
+    )
     assert outcome is not None
     assert orjson.loads(outcome) == [pong.message_id]
     assert runner.stats.handled == 1
     assert runner.stats.emitted == 1
 
 
-async def test_a_redelivered_message_id_is_acked_without_running_the_handler_again(redis: Redis, redis_url: str) -> None:
+async def test_a_redelivered_message_id_is_acked_without_running_the_handler_again(
+    redis: Redis, redis_url: str
+) -> None:
     calls: list[Message] = []
     incoming = envelope("Ping", {"n": 1})
     async with running(echo(calls), fast_settings(redis_url)) as runner:

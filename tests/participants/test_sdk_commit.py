@@ -1,0 +1,51 @@
+"""The commit primitive against a real Redis: stream writes and deletes in one atomic call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from contracts import naming
+from participants.sdk.commit import Commit, CommitScript, Outcome
+
+
+async def add(redis: Redis, stream: str, fields: dict[str, str]) -> str:
+    entry_id: Any = await redis.xadd(stream, dict[Any, Any](fields))
+    return str(entry_id.decode())
+
+
+async def entries(redis: Redis, stream: str) -> list[tuple[str, dict[bytes, bytes]]]:
+    found: Any = await redis.xrange(stream)
+    return [(entry_id.decode(), fields) for entry_id, fields in found]
+
+
+async def test_a_commit_appends_and_deletes_stream_entries_and_returns_the_new_ids(redis: Redis) -> None:
+    source, target = naming.dead_letter_stream(3), naming.message_stream(3, "Ping")
+    doomed = await add(redis, source, {"n": "1"})
+    kept = await add(redis, source, {"n": "2"})
+
+    commit = Commit().xadd(target, {"a": "1"}).xadd(target, {"b": b"2"}).xdel(source, doomed)
+    [result] = await CommitScript().run(redis, [commit])
+
+    assert result.outcome is Outcome.OK
+    appended = await entries(redis, target)
+    assert result.added == tuple(entry_id for entry_id, _ in appended)
+    assert [fields for _, fields in appended] == [{b"a": b"1"}, {b"b": b"2"}]
+    assert [entry_id for entry_id, _ in await entries(redis, source)] == [kept]
+
+
+async def test_deleting_an_entry_that_is_gone_changes_nothing_else(redis: Redis) -> None:
+    stream = naming.dead_letter_stream(0)
+    kept = await add(redis, stream, {"n": "1"})
+
+    [result] = await CommitScript().run(redis, [Commit().xdel(stream, "1-1")])
+
+    assert (result.outcome, result.added) == (Outcome.OK, ())
+    assert [entry_id for entry_id, _ in await entries(redis, stream)] == [kept]
+
+
+def test_a_delete_in_another_hash_slot_is_refused() -> None:
+    with pytest.raises(ValueError, match="hash slot"):
+        Commit().xadd(naming.message_stream(0, "Ping"), {"a": "1"}).xdel(naming.dead_letter_stream(1), "1-0")
