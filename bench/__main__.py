@@ -28,19 +28,51 @@ def parse(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
             "completed workflows/s, end-to-end latency p50/p95/p99/max and our throughput as a ratio of the "
             "baseline's."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     load = parser.add_argument_group("load")
-    load.add_argument("--orders", type=int, default=defaults.orders, help="orders in the measured closed loop")
-    load.add_argument("--concurrency", type=int, default=defaults.concurrency, help="closed-loop clients")
-    load.add_argument("--rate", type=float, default=defaults.rate, help="open-loop offered rate, orders/s")
-    load.add_argument("--duration", type=float, default=defaults.duration, help="open-loop duration, seconds")
-    load.add_argument("--warmup", type=int, default=defaults.warmup, help="unmeasured closed-loop orders first")
-    load.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds one workflow may take")
+    load.add_argument(
+        "--orders", type=int, default=defaults.orders, help="orders in the measured closed loop (default: %(default)s)"
+    )
+    load.add_argument(
+        "--concurrency",
+        type=int,
+        default=defaults.concurrency,
+        help="closed-loop clients, each with one workflow in flight (default: %(default)s)",
+    )
+    load.add_argument(
+        "--rate", type=float, default=defaults.rate, help="open-loop offered rate, orders/s (default: %(default)s)"
+    )
+    load.add_argument(
+        "--duration", type=float, default=defaults.duration, help="open-loop duration, seconds (default: %(default)s)"
+    )
+    load.add_argument(
+        "--warmup", type=int, default=defaults.warmup, help="unmeasured closed-loop orders first (default: %(default)s)"
+    )
+    load.add_argument(
+        "--timeout",
+        type=float,
+        default=defaults.timeout,
+        help="seconds a workflow may take before it counts as timed out (default: %(default)s)",
+    )
     system = parser.add_argument_group("system under test")
-    system.add_argument("--partitions", type=int, default=defaults.partitions)
-    system.add_argument("--redis-url", help="use this Redis instead of starting an embedded one (it gets written to)")
-    system.add_argument("--worker-concurrency", type=int, help="--concurrency of every worker (default: theirs)")
+    system.add_argument(
+        "--partitions", type=int, default=defaults.partitions, help="partitions of every process (default: %(default)s)"
+    )
+    system.add_argument("--redis-url", help="use this Redis instead of starting an embedded one; it gets written to")
+    system.add_argument(
+        "--worker-concurrency", type=int, help="--concurrency of every worker (default: the worker's own)"
+    )
+    system.add_argument(
+        "--cli",
+        metavar="COMMAND",
+        help="command line that runs `streamsaga` (default: the one installed beside this Python), "
+        "e.g. a wrapper to try a change",
+    )
+    system.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="`streamsaga --log-level` of the controller and workers (default: the CLI's own, INFO)",
+    )
     system.add_argument(
         "--controller-arg",
         action="append",
@@ -63,12 +95,21 @@ def parse(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
         "--baseline-steps",
         type=int,
         default=defaults.baseline_steps,
-        help="stages of the baseline choreography (the order saga has 4; 3 stops after shipping)",
+        help="stages of the baseline choreography: the order saga has 4; 3 stops after shipping (default: %(default)s)",
     )
-    phases.add_argument("--batch", type=int, default=defaults.batch, help="baseline XREADGROUP COUNT")
+    phases.add_argument(
+        "--batch",
+        type=int,
+        default=defaults.batch,
+        help="baseline XREADGROUP COUNT, as the workers' and controller's default (default: %(default)s)",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    output.add_argument("--log-dir", type=Path, help="keep the processes' logs here (default: a temporary dir)")
+    output.add_argument(
+        "--log-dir",
+        type=Path,
+        help="keep the processes' logs here (default: a temporary directory, kept only if the run fails)",
+    )
     output.add_argument(
         "--profile",
         type=Path,
@@ -96,6 +137,8 @@ def parse(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
         baseline_steps=args.baseline_steps,
         batch=args.batch,
         worker_concurrency=args.worker_concurrency,
+        log_level=args.log_level,
+        cli=args.cli,
         timeout=args.timeout,
         log_dir=args.log_dir,
         profile_dir=args.profile,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,8 +26,12 @@ class ChildFailed(RuntimeError):
     """A child process exited while the benchmark still needed it."""
 
 
-def streamsaga_command() -> list[str]:
-    """How to run the ``streamsaga`` CLI of this environment."""
+def streamsaga_command(override: str | None = None) -> list[str]:
+    """How to run the ``streamsaga`` CLI: ``override`` (a shell-style command line), else this environment's."""
+    if override:
+        command = shlex.split(override)
+        # "python" means this environment's interpreter, not whichever one PATH finds
+        return [sys.executable, *command[1:]] if command and command[0] in ("python", "python3") else command
     script = Path(sys.executable).with_name("streamsaga")
     if script.is_file():
         return [str(script)]

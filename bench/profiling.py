@@ -29,7 +29,7 @@ async def redis_counters(redis: Redis) -> dict[str, Any]:
 
 
 def redis_delta(
-    before: dict[str, Any], after: dict[str, Any], top: int = 8
+    before: dict[str, Any], after: dict[str, Any], top: int = 12
 ) -> tuple[float, dict[str, dict[str, float]]]:
     """(Redis CPU seconds, the ``top`` commands by time) between two :func:`redis_counters`."""
     rows: dict[str, dict[str, float]] = {}

@@ -121,19 +121,22 @@ def as_text(report: Report) -> str:
         lines.append(f"{'':<24} " + " ".join(f"{_cell(pct.get(n), '%'):>9}" for n in names))
     lines += [
         "",
-        "Redis commands, top by time: calls × µs/call (% of Redis CPU time; a script's inner commands are counted",
-        "both on their own and inside EVALSHA; the rest of Redis CPU is mostly network I/O):",
+        "Redis commands, top by time: calls per completed workflow × µs per call (% of Redis CPU time).",
+        "A script's inner commands count both on their own and inside EVALSHA; the rest of Redis CPU is",
+        "mostly network I/O.",
     ]
     for phase in report.phases:
         total = phase.cpu_s.get("redis", 0.0) * 1e6 or 1.0
+        done = phase.completed or 1
         cells = [
-            f"{name} {row['calls']:.0f}×{row['us_per_call']:.1f}µs ({100 * row['usec'] / total:.0f}%)"
-            for name, row in list(phase.redis_commands.items())[:5]
+            f"{name} {row['calls'] / done:.2f}×{row['us_per_call']:.1f}µs ({100 * row['usec'] / total:.0f}%)"
+            for name, row in list(phase.redis_commands.items())[:6]
         ]
         lines.append(f"  {phase.name}: " + ", ".join(cells))
     for name, summary in report.profiles.items():
         lines += ["", f"py-spy, {name} (closed loop):", summary]
-    lines += ["", f"process logs: {env.get('log_dir')}"]
+    logs = env.get("log_dir")
+    lines += ["", f"process logs: {logs}" if logs else "process logs: removed (pass --log-dir to keep them)"]
     return "\n".join(lines)
 
 

@@ -22,10 +22,13 @@ from redis.exceptions import RedisError
 from contracts.definitions import ORDER_SAGA, WorkflowDefinition
 from contracts.envelope import utcnow
 from contracts.messages import CANCEL_REQUESTED, PAYLOADS, RETRY_REQUESTED, OrderIn
+from controller import dead_letters, liveness
 from controller.definitions import Definitions, UnknownWorkflow
 from controller.errors import (
     ApiError,
     BodyTooLarge,
+    DeadLetterNotFound,
+    DeadLetterNotReplayable,
     DefinitionNotFound,
     FieldError,
     IdempotencyKeyReused,
@@ -39,6 +42,7 @@ from controller.errors import (
     WorkflowStateConflict,
 )
 from controller.instance import Instance, WorkflowStatus
+from controller.settings import ControllerSettings
 from controller.state_machine import NotAllowed, effective_sla
 from controller.store import IdempotencyConflict, WorkflowStore
 
@@ -50,6 +54,7 @@ JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
 PING_TIMEOUT_S = 2.0
 
+SETTINGS = web.AppKey("settings", ControllerSettings)
 REDIS = web.AppKey("redis", Redis)
 STORE = web.AppKey("store", WorkflowStore)
 DEFINITIONS = web.AppKey("definitions", Definitions)
@@ -154,6 +159,14 @@ def _idempotency_key(request: web.Request) -> str | None:
 def _traceparent(request: web.Request) -> str | None:
     value = request.headers.get("traceparent")
     return value if value is not None and _TRACEPARENT.match(value.strip().lower()) else None
+
+
+def _limit(request: web.Request) -> int:
+    """``?limit=`` of a listing: 1 to MAX_LIST_LIMIT, default 100."""
+    raw_limit = request.query.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+        raise InvalidInput.of("limit", f"must be an integer from 1 to {MAX_LIST_LIMIT}, not {raw_limit!r}")
+    return int(raw_limit)
 
 
 def _links(workflow_id: str) -> dict[str, str]:
@@ -265,10 +278,7 @@ async def list_workflows(request: web.Request) -> web.Response:
         except ValueError:
             known = ", ".join(s.value for s in WorkflowStatus)
             raise InvalidInput.of("status", f"unknown status {raw_status!r}; one of {known}") from None
-    raw_limit = request.query.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
-        raise InvalidInput.of("limit", f"must be an integer from 1 to {MAX_LIST_LIMIT}, not {raw_limit!r}")
-    instances = await request.app[STORE].list(status, int(raw_limit))
+    instances = await request.app[STORE].list(status, _limit(request))
     return _json({"workflows": [_summary(instance) for instance in instances]})
 
 
@@ -322,6 +332,149 @@ async def cancel_workflow(request: web.Request) -> web.Response:
 async def retry_workflow(request: web.Request) -> web.Response:
     """Resume the compensation of a workflow that needs attention.  Body (optional): ``{by, reason}``."""
     return await _operator_request(request, RETRY_REQUESTED)
+
+
+@routes.get("/v1/participants")
+async def list_participants(request: web.Request) -> web.Response:
+    """Every participant with a heartbeat (its consumers, live or not, and its
+    subscriptions with their lag), the controller group's lag, and every step no
+    live worker subscribes to.  See :mod:`controller.liveness`."""
+    settings = request.app[SETTINGS]
+    definitions = request.app[DEFINITIONS]
+    found = await liveness.survey(
+        request.app[REDIS],
+        settings.partitions,
+        definitions.event_types(),
+        forget_after_s=settings.liveness_forget_s,
+    )
+    uncovered = liveness.uncovered_steps(definitions, found.participants)
+    return _json(
+        {
+            "participants": [view.as_json() for view in found.participants],
+            "controller": found.controller.as_json(),
+            "uncovered": [missing.as_json() for missing in uncovered],
+        }
+    )
+
+
+# --- dead letters ------------------------------------------------------------------
+
+
+def _dead_letter_id(request: web.Request) -> str:
+    dead_letter_id = request.match_info["id"]
+    try:
+        dead_letters.DeadLetterId.parse(dead_letter_id)
+    except dead_letters.InvalidDeadLetterId as exc:
+        raise InvalidInput.of("id", str(exc)) from None
+    return dead_letter_id
+
+
+def _dead_letter_view(letter: dead_letters.DeadLetter) -> dict[str, Any]:
+    self_ = f"/v1/dead-letters/{letter.id}"
+    links = {"self": self_, "replay": f"{self_}/replay"}
+    if letter.correlation_id:
+        links["workflow"] = f"/v1/workflows/{letter.correlation_id}"
+    return {**letter.model_dump(mode="json"), "links": links}
+
+
+def _query_text(request: web.Request, name: str) -> str | None:
+    value = request.query.get(name)
+    if value is not None and not value:
+        raise InvalidInput.of(name, "must not be empty; leave it out to match any")
+    return value
+
+
+@routes.get("/v1/dead-letters")
+async def list_dead_letters(request: web.Request) -> web.Response:
+    """Dead letters of every partition, newest first; ``?group=``, ``?type=``, ``?workflow_id=`` filter,
+    ``?limit=`` caps."""
+    found = await dead_letters.list_dead_letters(
+        request.app[REDIS],
+        request.app[STORE].partitions,
+        limit=_limit(request),
+        group=_query_text(request, "group"),
+        type=_query_text(request, "type"),
+        workflow_id=_query_text(request, "workflow_id"),
+    )
+    return _json({"dead_letters": [_dead_letter_view(letter) for letter in found]})
+
+
+class _PurgeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    older_than_s: float | None = Field(default=None, ge=0, le=100 * 365 * 86_400)
+
+
+@routes.post("/v1/dead-letters/purge")
+async def purge_dead_letters(request: web.Request) -> web.Response:
+    """Delete every dead letter, or (body ``{"older_than_s": N}``) those older than N seconds."""
+    body = _PurgeIn()
+    if request.can_read_body:
+        try:
+            body = _PurgeIn.model_validate(await _json_body(request))
+        except ValidationError as exc:
+            raise InvalidInput.from_validation(exc) from None
+    older_than_ms = None if body.older_than_s is None else round(body.older_than_s * 1000)
+    purged = await dead_letters.purge(request.app[REDIS], request.app[STORE].partitions, older_than_ms=older_than_ms)
+    if older_than_ms is None:
+        log.info("purged every dead letter: %d", purged)
+    else:
+        log.info("purged %d dead letters older than %ss", purged, body.older_than_s)
+    return _json({"purged": purged})
+
+
+@routes.get("/v1/dead-letters/{id}")
+async def get_dead_letter(request: web.Request) -> web.Response:
+    """One dead letter: the reason, where it came from, who gave up, and its original fields."""
+    dead_letter_id = _dead_letter_id(request)
+    letter = await dead_letters.get(request.app[REDIS], dead_letter_id)
+    if letter is None:
+        raise DeadLetterNotFound(dead_letter_id)
+    return _json(_dead_letter_view(letter))
+
+
+@routes.post("/v1/dead-letters/{id}/replay")
+async def replay_dead_letter(request: web.Request) -> web.Response:
+    """Write a dead letter's original fields back to its source stream and delete it, atomically."""
+    dead_letter_id = _dead_letter_id(request)
+    store = request.app[STORE]
+    letter = await dead_letters.get(request.app[REDIS], dead_letter_id)
+    if letter is None:
+        raise DeadLetterNotFound(dead_letter_id)
+    try:
+        entry_id = await dead_letters.replay_letter(
+            request.app[REDIS], letter, partitions=store.partitions, script=store.script
+        )
+    except dead_letters.NotReplayable as exc:
+        raise DeadLetterNotReplayable(dead_letter_id, exc.reason) from None
+    log.info(
+        "replayed dead letter %s to %s as %s",
+        dead_letter_id,
+        letter.source_stream,
+        entry_id,
+        extra={"correlation_id": letter.correlation_id},
+    )
+    body: dict[str, Any] = {
+        "dead_letter_id": dead_letter_id,
+        "stream": letter.source_stream,
+        "entry_id": entry_id,
+        "type": letter.type,
+        "correlation_id": letter.correlation_id,
+        "message_id": letter.message_id,
+    }
+    if letter.correlation_id:
+        body["links"] = {"workflow": f"/v1/workflows/{letter.correlation_id}"}
+    return _json(body, status=202)
+
+
+@routes.delete("/v1/dead-letters/{id}")
+async def delete_dead_letter(request: web.Request) -> web.Response:
+    """Delete one dead letter without replaying it."""
+    dead_letter_id = _dead_letter_id(request)
+    if not await dead_letters.purge(request.app[REDIS], request.app[STORE].partitions, ids=[dead_letter_id]):
+        raise DeadLetterNotFound(dead_letter_id)
+    log.info("deleted dead letter %s", dead_letter_id)
+    return web.Response(status=204)
 
 
 @routes.get("/v1/contracts")

@@ -2,7 +2,9 @@
 
 ``create_app(settings)`` builds the application; its ``cleanup_ctx`` opens the
 Redis clients and runs the correlator as a background task, and on shutdown sets
-the correlator's ``stop``, awaits the task and closes every client.
+the correlator's ``stop``, awaits the task and closes every client.  A one-shot
+task warns, a grace period after start-up, about every step no live worker
+subscribes to.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from contracts.schema import schemas
-from controller import api
+from controller import api, liveness
 from controller.correlator import Correlator
 from controller.definitions import Definitions
 from controller.settings import ControllerSettings
@@ -28,7 +31,7 @@ from participants.sdk.consumer import RetryPolicy
 
 log = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("settings", ControllerSettings)
+SETTINGS = api.SETTINGS
 RECONNECT_S = 1.0
 STOP_GRACE_S = 5.0
 
@@ -48,6 +51,7 @@ def create_app(settings: ControllerSettings) -> web.Application:
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_correlator)
     app.cleanup_ctx.append(_timers)
+    app.cleanup_ctx.append(_liveness)
     return app
 
 
@@ -102,6 +106,46 @@ async def _timers(app: web.Application) -> AsyncIterator[None]:
     finally:
         stop.set()
         await task
+
+
+async def _liveness(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(
+        _warn_uncovered(app[api.REDIS], app[api.DEFINITIONS], app[SETTINGS], app[api.CORRELATOR_READY]),
+        name="liveness check",
+    )
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _warn_uncovered(
+    redis: Redis, definitions: Definitions, settings: ControllerSettings, ready: asyncio.Event
+) -> None:
+    """Once the correlator is ready and workers had ``liveness_grace_s`` to send a
+    heartbeat, log a warning for every step no live worker subscribes to."""
+    await ready.wait()
+    # a grace period for workers started with the controller, not a deadline of any workflow
+    await asyncio.sleep(settings.liveness_grace_s)
+    try:
+        found = await liveness.participants(redis, settings.partitions)
+    except (RedisError, OSError) as exc:
+        log.warning("cannot check which steps have a live worker: %s", exc)
+        return
+    uncovered = liveness.uncovered_steps(definitions, found)
+    for missing in uncovered:
+        log.warning(
+            "step %s of %s v%d: no live worker of %s subscribes to %s",
+            missing.step.name,
+            missing.definition.name,
+            missing.definition.version,
+            missing.step.participant,
+            missing.message_type,
+            extra={"step": missing.step.name, "message_type": missing.message_type},
+        )
+    if not uncovered:
+        log.info("every step has a live worker (%d participants live)", sum(view.live for view in found))
 
 
 async def _run_correlator(correlator: Correlator, stop: asyncio.Event, ready: asyncio.Event) -> None:

@@ -579,15 +579,11 @@ def _dlq_replay(args: argparse.Namespace) -> int:
 def _dlq_purge(args: argparse.Namespace) -> int:
     from controller import dead_letters
 
-    chosen = [
-        name
-        for name, given in (("--all", args.all), ("ID", args.ids), ("--older-than", args.older_than is not None))
-        if given
-    ]
+    given = {"--all": args.all, "ID": bool(args.ids), "--older-than": args.older_than is not None}
+    chosen = [name for name, on in given.items() if on]
     if len(chosen) != 1:
-        _dlq_fail(
-            args, "give exactly one of --all, IDs or --older-than" + (f", not {' and '.join(chosen)}" if chosen else "")
-        )
+        but = f", not {' and '.join(chosen)}" if chosen else ""
+        _dlq_fail(args, f"give exactly one of --all, IDs or --older-than{but}")
         return 2
     try:
         for dead_letter_id in args.ids:
@@ -598,14 +594,18 @@ def _dlq_purge(args: argparse.Namespace) -> int:
     if args.all:
         what = f"every dead letter of {args.partitions} partitions"
     elif args.ids:
-        what = f"{len(set(args.ids))} dead letter{'s' if len(set(args.ids)) > 1 else ''}"
+        count = len(set(args.ids))
+        what = f"{count} dead letter{'s' if count > 1 else ''}"
     else:
         what = f"every dead letter older than {args.older_than:g}s"
     if not args.yes:
         if not sys.stdin.isatty():
             _dlq_fail(args, f"refusing to purge {what} without --yes (standard input is not a terminal)")
             return 2
-        answer = input(f"Purge {what} from {args.redis_url}? [y/N] ")
+        try:
+            answer = input(f"Purge {what} from {args.redis_url}? [y/N] ")
+        except EOFError:
+            answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             _dlq_fail(args, "nothing purged")
             return 1
@@ -643,7 +643,9 @@ def _dlq_parser(sub: Any) -> None:
     listing.add_argument("--group", metavar="G", help="only those given up by consumer group G (controller, payment…)")
     listing.add_argument("--type", metavar="T", help="only messages of type T")
     listing.add_argument("--workflow", metavar="ID", help="only messages of workflow ID (their correlation id)")
-    listing.add_argument("--json", action="store_true", help='print {"dead_letters": [...]} as the API answers')
+    listing.add_argument(
+        "--json", action="store_true", help='print {"dead_letters": [...]} as JSON, with the fields the API gives'
+    )
     listing.set_defaults(run=_dlq_list)
 
     show = actions.add_parser("show", help="show one dead letter in full", description=(
@@ -652,7 +654,7 @@ def _dlq_parser(sub: Any) -> None:
     ))  # fmt: skip
     _dlq_common(show)
     show.add_argument("id", metavar="ID", help="the dead letter's id")
-    show.add_argument("--json", action="store_true", help="print it as JSON, as the API answers")
+    show.add_argument("--json", action="store_true", help="print it as JSON, with the fields the API gives")
     show.set_defaults(run=_dlq_show)
 
     replay = actions.add_parser("replay", help="send dead letters back to their streams", description=(

@@ -140,6 +140,17 @@ class DefinitionNotFound(NotFound):
         self.known = list(known)
 
 
+class DeadLetterNotFound(NotFound):
+    title = "Dead letter not found"
+    slug = "dead-letter-not-found"
+
+    def __init__(self, dead_letter_id: str) -> None:
+        super().__init__(
+            f"no dead letter {dead_letter_id!r} (it may have been replayed, purged or trimmed)", field="id"
+        )
+        self.dead_letter_id = dead_letter_id
+
+
 class RouteNotFound(NotFound):
     title = "No such resource"
     slug = "route-not-found"
@@ -179,6 +190,19 @@ class WorkflowStateConflict(ApiError):
     def __init__(self, workflow_id: str, detail: str) -> None:
         super().__init__(detail, field="id")
         self.workflow_id = workflow_id
+
+
+class DeadLetterNotReplayable(ApiError):
+    """A dead letter whose original fields could not stand on its source stream again."""
+
+    status = 409
+    title = "Dead letter cannot be replayed"
+    slug = "dead-letter-not-replayable"
+
+    def __init__(self, dead_letter_id: str, reason: str) -> None:
+        super().__init__(f"dead letter {dead_letter_id!r} cannot be replayed: {reason}", field="id")
+        self.dead_letter_id = dead_letter_id
+        self.reason = reason
 
 
 class Unavailable(ApiError):

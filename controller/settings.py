@@ -36,6 +36,11 @@ class ControllerSettings:
     max_deliveries: int = 5
     timer_interval_s: float = 0.05
     """How often due timers are fired (deadline precision)."""
+    liveness_grace_s: float = 15.0
+    """After start-up, wait this long for workers' heartbeats, then warn about every
+    step no live worker subscribes to (three of the SDK's default heartbeat intervals)."""
+    liveness_forget_s: float = 3_600.0
+    """A heartbeat this old (its worker died without stopping) is deleted by ``GET /v1/participants``."""
 
     def __post_init__(self) -> None:
         if self.partitions < 1:
@@ -47,5 +52,8 @@ class ControllerSettings:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if not 0 < self.timer_interval_s <= 1:
             raise ValueError(f"timer_interval_s must be within (0, 1], not {self.timer_interval_s}")
+        for name in ("liveness_grace_s", "liveness_forget_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
         if not self.consumer:
             raise ValueError("consumer must not be empty")

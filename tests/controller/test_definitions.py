@@ -43,5 +43,5 @@ def test_unknown_names_and_versions_are_reported() -> None:
 def test_an_invalid_file_is_refused_with_the_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('[{"name": "x", "start": "Go", "steps": [], "sla_s": -1}]')
-    with pytest.raises(ValidationError, match="steps|sla_s"):
+    with pytest.raises(ValidationError, match=r"steps|sla_s"):
         Definitions.load(bad)
