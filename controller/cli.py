@@ -429,18 +429,6 @@ def _with_redis(args: argparse.Namespace, work: Callable[[Redis], Awaitable[int]
         return 1
 
 
-def _table(header: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()) -> list[str]:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            cell.rjust(width) if i in right else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    return [line(header), line(["-" * width for width in widths]), *map(line, rows)]
-
-
 def _when(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -452,6 +440,8 @@ def _shorten(text: str, width: int) -> str:
 
 def format_dead_letters(letters: Sequence[DeadLetter]) -> str:
     """Dead letters as a table, one line each; the reason shortened to fit."""
+    from participants.ledger import text_table
+
     header = ["ID", "FAILED AT (UTC)", "TRIES", "GROUP", "TYPE", "WORKFLOW", "REASON"]
     rows = [
         [
@@ -465,7 +455,7 @@ def format_dead_letters(letters: Sequence[DeadLetter]) -> str:
         ]
         for letter in letters
     ]
-    return "\n".join(_table(header, rows, right=frozenset({2})))
+    return "\n".join(text_table(header, rows, right={2}))
 
 
 def format_dead_letter(letter: DeadLetter) -> str:

@@ -18,6 +18,7 @@ notification      ``notifications``                  workflow id -> :class:`Noti
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from decimal import Decimal
 from typing import Literal, TypeVar
 
@@ -254,7 +255,8 @@ def _money(cents: int) -> str:
     return f"{amount(cents):,.2f}"
 
 
-def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+def text_table(header: list[str], rows: list[list[str]], right: Collection[int] = ()) -> list[str]:
+    """Lines of a plain-text table; columns in ``right`` are right-aligned."""
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
 
     def line(cells: list[str]) -> str:
@@ -291,7 +293,7 @@ def format_ledger(ledger: Ledger) -> str:
             ]
             for o in ledger.orders
         ]
-        lines += _table(header, rows, right={3, 4})
+        lines += text_table(header, rows, right={3, 4})
     else:
         lines.append("no orders recorded")
     lines += [
@@ -306,7 +308,7 @@ def format_ledger(ledger: Ledger) -> str:
             for s in ledger.stock
         ]
         header = ["sku", "initial", "available", "reserved", "released", "held", "balanced"]
-        lines += _table(header, rows, right={1, 2, 3, 4, 5})
+        lines += text_table(header, rows, right={1, 2, 3, 4, 5})
     else:
         lines.append("no stock touched")
     lines += ["", "ledger balances" if ledger.balanced else "LEDGER DOES NOT BALANCE"]

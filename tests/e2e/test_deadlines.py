@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +42,9 @@ def definitions_file(path: Path, definition: WorkflowDefinition) -> Path:
     return path
 
 
-@pytest.fixture
-def deployment(redis: Redis, redis_url: str, tmp_path: Path) -> Iterator[Deployment]:
-    running = Deployment(redis_url, tmp_path)
-    running.controller_args = ["--definitions", str(definitions_file(tmp_path / "defs.json", short_order_saga()))]
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
-        yield client
+@pytest.fixture(autouse=True)
+def short_deadlines(deployment: Deployment, tmp_path: Path) -> None:
+    deployment.controller_args = ["--definitions", str(definitions_file(tmp_path / "defs.json", short_order_saga()))]
 
 
 def steps(state: dict[str, Any]) -> dict[str, str]:

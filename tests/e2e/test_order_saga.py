@@ -4,9 +4,7 @@ processes, orders over real HTTP, crashes by kill -9."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,22 +16,6 @@ from participants.ledger import read_ledger
 from tests.e2e.deployment import NO_NOTIFY_CUSTOMER, Deployment, order
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def deployment(redis: Redis, redis_url: str, tmp_path: Path) -> Iterator[Deployment]:
-    # `redis` flushed the database; the deployment starts on a clean slate
-    running = Deployment(redis_url, tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
-        yield client
 
 
 def total(body: dict[str, Any]) -> Decimal:
