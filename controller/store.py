@@ -206,14 +206,14 @@ class WorkflowStore:
 
 
 def _progress(instance: Instance, entry: HistoryEntry) -> dict[str, str | bytes]:
+    """A progress record: routing fields to filter on without decoding, and the
+    history line itself, so a live view shows exactly what a replay shows."""
     return {
         "workflow_id": instance.id,
         "workflow": instance.workflow.name,
+        "version": str(instance.workflow.version),
+        "status": instance.status,
         "seq": str(entry.seq),
         "type": entry.type,
-        "direction": entry.direction,
-        "step": entry.step or "",
-        "step_status": entry.step_status or "",
-        "status": instance.status,
-        "at": entry.at.isoformat(),
+        "entry": entry.model_dump_json(),
     }
