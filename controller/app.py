@@ -23,6 +23,7 @@ from contracts.schema import schemas
 from controller import api, liveness
 from controller.correlator import Correlator
 from controller.definitions import Definitions
+from controller.retention import Retention
 from controller.settings import ControllerSettings
 from controller.store import WorkflowStore
 from controller.timers import TimerPoller
@@ -51,6 +52,7 @@ def create_app(settings: ControllerSettings) -> web.Application:
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_correlator)
     app.cleanup_ctx.append(_timers)
+    app.cleanup_ctx.append(_retention)
     app.cleanup_ctx.append(_liveness)
     return app
 
@@ -94,6 +96,20 @@ async def _correlator(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(task, return_exceptions=True)
         finally:
             await reader.aclose()
+
+
+async def _retention(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    retention = Retention(
+        app[api.REDIS], settings.partitions, settings.retention_s, interval_s=settings.retention_interval_s
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(retention.run(stop), name="retention")
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
 
 
 async def _timers(app: web.Application) -> AsyncIterator[None]:

@@ -36,6 +36,8 @@ class ControllerSettings:
     max_deliveries: int = 5
     timer_interval_s: float = 0.05
     """How often due timers are fired (deadline precision)."""
+    retention_interval_s: float = 30.0
+    """How often streams are trimmed and expired workflows leave the status indexes."""
     liveness_grace_s: float = 15.0
     """After start-up, wait this long for workers' heartbeats, then warn about every
     step no live worker subscribes to (three of the SDK's default heartbeat intervals)."""

@@ -1,0 +1,81 @@
+"""Retention against a real Redis: trimming keeps whatever any group still needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+
+from contracts import naming
+from controller.instance import WorkflowStatus
+from controller.retention import prune_status_indexes, trim_point, trim_streams
+
+P = 2
+
+
+async def ids(redis: Redis, stream: str) -> list[str]:
+    entries: Any = await redis.xrange(stream)
+    return [entry_id.decode() for entry_id, _ in entries]
+
+
+async def add(redis: Redis, stream: str, count: int) -> list[str]:
+    added: list[str] = []
+    for i in range(count):
+        entry_id: Any = await redis.xadd(stream, {"n": str(i)})
+        added.append(entry_id.decode())
+    return added
+
+
+async def test_entries_every_group_received_and_acked_are_trimmed(redis: Redis) -> None:
+    stream = naming.message_stream(0, "PaymentCaptured")
+    added = await add(redis, stream, 10)
+    for group in ("controller", "inventory"):
+        await redis.xgroup_create(stream, group, id="0")
+    # controller: read all 10, acked the first 6 (7..10 still pending)
+    read: Any = await redis.xreadgroup("controller", "c", {stream: ">"}, count=10)
+    await redis.xack(stream, "controller", *[entry_id for entry_id, _ in read[0][1][:6]])
+    # inventory: read and acked the first 4 only; 5..10 not delivered yet
+    read = await redis.xreadgroup("inventory", "i", {stream: ">"}, count=4)
+    await redis.xack(stream, "inventory", *[entry_id for entry_id, _ in read[0][1]])
+    assert await trim_streams(redis, P) == 4
+    assert await ids(redis, stream) == added[4:]
+    # inventory catches up and acks: now the controller's pending entries bound the trim
+    read = await redis.xreadgroup("inventory", "i", {stream: ">"}, count=10)
+    await redis.xack(stream, "inventory", *[entry_id for entry_id, _ in read[0][1]])
+    assert await trim_streams(redis, P) == 2
+    assert await ids(redis, stream) == added[6:]
+
+
+async def test_a_stream_nobody_reads_is_capped_not_emptied(redis: Redis) -> None:
+    stream = naming.message_stream(1, "PointsAwarded")
+    await add(redis, stream, 5)
+    assert await trim_streams(redis, P) == 0
+    assert len(await ids(redis, stream)) == 5
+
+
+async def test_a_group_that_read_nothing_keeps_everything(redis: Redis) -> None:
+    stream = naming.message_stream(1, "ShipmentScheduled")
+    added = await add(redis, stream, 3)
+    await redis.xgroup_create(stream, "notification", id="0")
+    assert await trim_streams(redis, P) == 0
+    assert await ids(redis, stream) == added
+
+
+def test_trim_point_is_the_lowest_need_over_groups() -> None:
+    groups = [
+        {"name": b"a", "last-delivered-id": b"100-5", "pending": 0},
+        {"name": b"b", "last-delivered-id": b"200-0", "pending": 2},
+    ]
+    assert trim_point(groups, {"b": "150-3"}) == "100-6"
+    assert trim_point(groups, {"b": "90-0"}) == "90-0"
+    assert trim_point([], {}) is None
+
+
+async def test_expired_finished_workflows_leave_the_status_indexes(redis: Redis) -> None:
+    done = naming.status_index_key(0, WorkflowStatus.COMPLETED)
+    running = naming.status_index_key(0, WorkflowStatus.RUNNING)
+    await redis.zadd(done, {"old": 1_000, "new": 9_999_999_999_999})
+    await redis.zadd(running, {"old-but-running": 1_000})
+    assert await prune_status_indexes(redis, P, retention_s=3600) == 1
+    assert await redis.zrange(done, 0, -1) == [b"new"]
+    assert await redis.zrange(running, 0, -1) == [b"old-but-running"]
