@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 
 NOT_READY = -1
 SUBSCRIBE_TIMEOUT_S = 20.0
+STALL_TIMEOUT_S = 30.0
+STEP_TIMEOUT_S = 30.0  # the order saga's step deadline: drains that end later see timers fire
 
 
 @dataclass
@@ -80,6 +85,12 @@ async def _backlog(redis: Redis, partitions: int, message_type: str, group: str)
 
 
 async def _fill(redis: Redis, partitions: int, count: int) -> None:
+    # the payment group exists before the controller runs, as when the workers are deployed:
+    # the controller trims a stream below what every *existing* group has consumed
+    async with redis.pipeline(transaction=False) as pipe:
+        for p in range(partitions):
+            pipe.xgroup_create(naming.message_stream(p, ORDER_SAGA.start), "payment", id="0", mkstream=True)
+        await pipe.execute()
     store = WorkflowStore(redis, partitions)
     payload = {"order": OrderIn.model_validate(order("drain", 0)).model_dump(mode="json", exclude_none=True)}
     slots = asyncio.Semaphore(64)
@@ -112,13 +123,21 @@ async def _drain(
             children.stop([name])
             return None
         await asyncio.sleep(0.005)
+    if remaining <= 0:
+        children.stop([name])
+        raise RuntimeError(f"{name} drained everything in its first batch; time it with more --messages")
     recorder = Recorder(profile_dir, {name: child.pid}) if profile_dir else None
     if recorder:
         recorder.start()
     before = await redis_counters(redis)
     cpu0, started = cpu_seconds(child.pid), time.perf_counter()
-    while await _backlog(redis, partitions, message_type, group) > 0:
+    progress_at, last = time.monotonic(), remaining
+    while (backlog := await _backlog(redis, partitions, message_type, group)) > 0:
         child.check()
+        if backlog < last:
+            progress_at, last = time.monotonic(), backlog
+        elif time.monotonic() - progress_at > STALL_TIMEOUT_S:
+            raise RuntimeError(f"{name} made no progress for {STALL_TIMEOUT_S:.0f}s ({backlog} left); see its log")
         await asyncio.sleep(0.01)
     wall, cpu = time.perf_counter() - started, cpu_seconds(child.pid) - cpu0
     after = await redis_counters(redis)
@@ -134,32 +153,55 @@ async def _drain(
     return Drained(name, remaining, wall, cpu, after["cpu_s"] - before["cpu_s"], calls)
 
 
-async def _main(
-    redis_url: str, log_dir: Path, messages: int, partitions: int, profile_dir: Path | None, cli_override: str | None
-) -> None:
+STEPS = ("readback", "payment", "events")
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    log_dir: Path
+    messages: int
+    partitions: int
+    steps: tuple[str, ...] = STEPS
+    profile_dir: Path | None = None
+    cli: str | None = None
+
+
+async def _main(settings: Settings) -> None:
+    redis_url, partitions = settings.redis_url, settings.partitions
     redis = connect(redis_url, name="bench-drain")
     try:
         await redis.flushdb()
         started = time.perf_counter()
-        await _fill(redis, partitions, messages)
-        print(f"filled {messages} workflows in {time.perf_counter() - started:.1f}s")
-        cli = [*streamsaga_command(cli_override), "--log-level", "WARNING"]
+        await _fill(redis, partitions, settings.messages)
+        print(f"filled {settings.messages} workflows in {time.perf_counter() - started:.1f}s")
+        cli = [*streamsaga_command(settings.cli), "--log-level", "WARNING"]
         controller = [*cli, "controller", "--redis-url", redis_url, "--partitions", str(partitions)]
         controller += ["--port", str(free_port())]
         worker = [*cli, "worker", "payment", "--redis-url", redis_url, "--partitions", str(partitions)]
         worker += ["--payment-limit", "1000000000"]
-        with Children(log_dir) as children:
-            steps = [
-                ("controller-reads-back-OrderSubmitted", controller, "OrderSubmitted", naming.CONTROLLER_GROUP),
-                ("payment-worker-on-OrderSubmitted", worker, "OrderSubmitted", "payment"),
-                ("controller-on-PaymentCaptured", controller, "PaymentCaptured", naming.CONTROLLER_GROUP),
-            ]
-            for index, (name, args, message_type, group) in enumerate(steps):
-                where = profile_dir / str(index) if profile_dir else None
+        steps = {
+            "readback": ("controller-reads-back-OrderSubmitted", controller, "OrderSubmitted", naming.CONTROLLER_GROUP),
+            "payment": ("payment-worker-on-OrderSubmitted", worker, "OrderSubmitted", "payment"),
+            "events": ("controller-on-PaymentCaptured", controller, "PaymentCaptured", naming.CONTROLLER_GROUP),
+        }
+        with Children(settings.log_dir) as children:
+            for step in settings.steps:
+                name, args, message_type, group = steps[step]
+                where = settings.profile_dir / step if settings.profile_dir else None
                 result = await _drain(redis, children, name, args, message_type, group, partitions, where)
                 print(result.line() if result else f"{name}: does not consume {message_type}; skipped")
+        if time.perf_counter() - started > STEP_TIMEOUT_S:
+            print(
+                f"note: the drains ended more than {STEP_TIMEOUT_S:.0f}s after the workflows started, so step "
+                "deadlines fired during the last one and its figures include TimerFired work; use fewer --messages"
+            )
     finally:
         await redis.aclose()
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,18 +211,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=10_000, help="workflows to pre-fill (default: %(default)s)")
     parser.add_argument("--partitions", type=int, default=naming.DEFAULT_PARTITIONS)
     parser.add_argument("--redis-url", help="use this Redis (its database is FLUSHED) instead of an embedded one")
+    parser.add_argument(
+        "--steps",
+        default=",".join(STEPS),
+        help="comma-separated drains to run, in order: readback, payment, events (default: %(default)s)",
+    )
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy record each drain into DIR")
     parser.add_argument(
         "--cli", metavar="COMMAND", help="command line that runs `streamsaga` (default: the installed one)"
     )
     args = parser.parse_args(argv)
+    steps = tuple(step.strip() for step in args.steps.split(",") if step.strip())
+    if not steps or any(step not in STEPS for step in steps):
+        parser.error(f"--steps takes some of {', '.join(STEPS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    with tempfile.TemporaryDirectory(prefix="streamsaga-drain-") as log_dir:
-        if args.redis_url:
-            asyncio.run(_main(args.redis_url, Path(log_dir), args.messages, args.partitions, args.profile, args.cli))
-        else:
-            with EmbeddedRedis() as server:
-                asyncio.run(_main(server.url, Path(log_dir), args.messages, args.partitions, args.profile, args.cli))
+    signal.signal(signal.SIGTERM, _interrupt)  # unwind, so that the children and Redis are stopped
+    with tempfile.TemporaryDirectory(prefix="streamsaga-drain-") as log_dir, contextlib.ExitStack() as stack:
+        url = args.redis_url or stack.enter_context(EmbeddedRedis()).url
+        asyncio.run(_main(Settings(url, Path(log_dir), args.messages, args.partitions, steps, args.profile, args.cli)))
 
 
 if __name__ == "__main__":

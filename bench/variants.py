@@ -86,7 +86,7 @@ class _AutoPipeline:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for script, keys, args, _ in batch:
-                    script(keys=keys, args=args, client=pipe)
+                    await script(keys=keys, args=args, client=pipe)  # queues it on the pipeline
                 results = await pipe.execute(raise_on_error=False)
         except Exception as exc:
             for *_, future in batch:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,10 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from contracts import naming
 from contracts.definitions import ORDER_SAGA, WorkflowDefinition
 from contracts.envelope import utcnow
 from contracts.messages import CANCEL_REQUESTED, PAYLOADS, RETRY_REQUESTED, OrderIn
-from controller import dead_letters, liveness
+from controller import dead_letters, liveness, openapi
 from controller.definitions import Definitions, UnknownWorkflow
 from controller.errors import (
     ApiError,
@@ -42,6 +44,7 @@ from controller.errors import (
     WorkflowStateConflict,
 )
 from controller.instance import Instance, WorkflowStatus
+from controller.progress import FeedFilter, ProgressHub, decode_cursor, stream_feed, stream_workflow
 from controller.settings import ControllerSettings
 from controller.state_machine import NotAllowed, effective_sla
 from controller.store import IdempotencyConflict, WorkflowStore
@@ -60,6 +63,7 @@ STORE = web.AppKey("store", WorkflowStore)
 DEFINITIONS = web.AppKey("definitions", Definitions)
 CONTRACTS = web.AppKey("contracts", bytes)  # the JSON Schemas, serialised once
 CORRELATOR_READY = web.AppKey("correlator_ready", asyncio.Event)  # set while the correlator's groups exist and it runs
+PROGRESS = web.AppKey("progress", ProgressHub)  # the live progress feeds' one reader; .clients counts them
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 # W3C Trace Context: version-traceid-parentid-flags; an invalid header is ignored, as the spec asks.
@@ -211,9 +215,10 @@ def _sla_seconds(request: web.Request, definition: WorkflowDefinition) -> float 
 async def _start(request: web.Request, definition: WorkflowDefinition, payload: dict[str, Any]) -> web.Response:
     key = _idempotency_key(request)
     sla_s = _sla_seconds(request, definition)
+    traceparent = _traceparent(request)
     try:
         instance, created = await request.app[STORE].start(
-            definition, payload, utcnow(), idempotency_key=key, traceparent=_traceparent(request), sla_s=sla_s
+            definition, payload, utcnow(), idempotency_key=key, traceparent=traceparent, sla_s=sla_s
         )
     except IdempotencyConflict as exc:
         raise IdempotencyKeyReused(exc.key) from None
@@ -222,7 +227,7 @@ async def _start(request: web.Request, definition: WorkflowDefinition, payload: 
         "started" if created else "replayed",
         definition.name,
         instance.id,
-        extra={"correlation_id": instance.id},
+        extra={"correlation_id": instance.id, "traceparent": traceparent},
     )
     links = _links(instance.id)
     headers = {"Location": links["self"]}
@@ -357,6 +362,67 @@ async def list_participants(request: web.Request) -> web.Response:
     )
 
 
+# --- live progress (Server-Sent Events, see controller.progress) -----------------------
+
+_SEQ = re.compile(r"^[0-9]{1,18}$")
+
+
+def _last_event_id(request: web.Request) -> tuple[str, str] | None:
+    """(value, its name) of the ``Last-Event-ID`` header (as EventSource sends it on reconnecting),
+    else of ``?last_event_id=`` for clients that cannot set headers."""
+    for name, value in (
+        ("Last-Event-ID", request.headers.get("Last-Event-ID")),
+        ("last_event_id", request.query.get("last_event_id")),
+    ):
+        if value:
+            return value.strip(), name
+    return None
+
+
+def _query_set(request: web.Request, name: str, known: list[str]) -> frozenset[str] | None:
+    """A comma-separated query parameter whose every value is in ``known``; None if absent."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    values = frozenset(value.strip() for value in raw.split(","))
+    unknown = sorted(values - set(known))
+    if unknown:
+        raise InvalidInput.of(name, f"unknown {', '.join(map(repr, unknown))}; one or more of {', '.join(known)}")
+    return values
+
+
+@routes.get("/v1/workflows/{id}/events")
+async def workflow_events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events of one workflow: its history, then each new line as it is correlated
+    (``id:`` its ``seq``), and a final ``end`` once it is terminal.  ``Last-Event-ID`` resumes."""
+    after = None
+    if (given := _last_event_id(request)) is not None:
+        value, name = given
+        if not _SEQ.match(value):
+            raise InvalidInput.of(name, f"must be the id of an event of this stream (a line's seq), not {value!r}")
+        after = int(value)
+    instance = await _load(request)
+    return await stream_workflow(request, request.app[PROGRESS], request.app[REDIS], instance, after)
+
+
+@routes.get("/v1/events")
+async def events_feed(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events of every workflow's new history lines, live; ``?workflow=`` (definitions)
+    and ``?status=`` (the workflow's status after the line) filter; ``Last-Event-ID`` resumes."""
+    feed_filter = FeedFilter(
+        workflows=_query_set(request, "workflow", request.app[DEFINITIONS].names()),
+        statuses=_query_set(request, "status", [status.value for status in WorkflowStatus]),
+    )
+    cursor = None
+    if (given := _last_event_id(request)) is not None:
+        value, name = given
+        try:
+            cursor = decode_cursor(value, request.app[SETTINGS].partitions)
+        except ValueError as exc:
+            raise InvalidInput.of(name, str(exc)) from None
+    return await stream_feed(request, request.app[PROGRESS], request.app[REDIS], feed_filter, cursor)
+
+
 # --- dead letters ------------------------------------------------------------------
 
 
@@ -477,10 +543,60 @@ async def delete_dead_letter(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+# --- the dashboard ------------------------------------------------------------------
+
+STATIC_DIR = Path(__file__).parent / "static"
+_STATIC_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*\.(?:js|css|svg|png)$")
+# The page loads nothing but its own script and stylesheet and talks only to this API.
+_DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+# Revalidate on every load (a cheap 304), so an upgraded controller never serves a stale page.
+_NO_CACHE = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+
+
+@routes.get("/")
+async def dashboard(request: web.Request) -> web.FileResponse:
+    """The operator's dashboard: plain HTML, CSS and JavaScript from ``controller/static``."""
+    return web.FileResponse(STATIC_DIR / "index.html", headers={**_NO_CACHE, "Content-Security-Policy": _DASHBOARD_CSP})
+
+
+@routes.get("/static/{name}")
+async def static_file(request: web.Request) -> web.FileResponse:
+    """A file of the dashboard, by name; nothing outside ``controller/static`` and no listing."""
+    name = request.match_info["name"]
+    path = STATIC_DIR / name
+    if not _STATIC_NAME.match(name) or not path.is_file():
+        raise RouteNotFound(request.path)
+    return web.FileResponse(path, headers=_NO_CACHE)
+
+
+@routes.get("/v1/stats")
+async def workflow_stats(request: web.Request) -> web.Response:
+    """How many workflows are in each status (finished ones until they expire), and in all."""
+    partitions = request.app[STORE].partitions
+    statuses = list(WorkflowStatus)
+    async with request.app[REDIS].pipeline(transaction=False) as pipe:
+        for p in range(partitions):
+            for status in statuses:
+                pipe.zcard(naming.status_index_key(p, status))
+        sizes: list[int] = await pipe.execute()
+    counts = {status.value: sum(sizes[i :: len(statuses)]) for i, status in enumerate(statuses)}
+    return _json({"counts": counts, "total": sum(counts.values())})
+
+
 @routes.get("/v1/contracts")
 async def get_contracts(request: web.Request) -> web.Response:
     """The wire contract as JSON Schemas, by name (see :mod:`contracts.schema`)."""
     return web.Response(body=request.app[CONTRACTS], content_type=JSON)
+
+
+@routes.get("/v1/openapi.json")
+async def get_openapi(request: web.Request) -> web.Response:
+    """This API as OpenAPI 3.1, built from the app's routes (see :mod:`controller.openapi`)."""
+    bodies: dict[str, type[BaseModel]] = {"OperatorRequest": _OperatorRequestIn, "DeadLetterPurge": _PurgeIn}
+    return _json(openapi.document(openapi.routes_of(request.app.router), bodies))
 
 
 @routes.get("/healthz")

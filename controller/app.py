@@ -20,9 +20,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from contracts.schema import schemas
-from controller import api, liveness
+from controller import api, liveness, metrics
 from controller.correlator import Correlator
 from controller.definitions import Definitions
+from controller.progress import MAX_BLOCK_MS, ProgressHub
 from controller.retention import Retention
 from controller.settings import ControllerSettings
 from controller.store import WorkflowStore
@@ -48,12 +49,16 @@ def create_app(settings: ControllerSettings) -> web.Application:
     app[api.DEFINITIONS] = Definitions.load(settings.definitions_path)
     app[api.CONTRACTS] = orjson.dumps(schemas())
     app[api.CORRELATOR_READY] = asyncio.Event()
+    app[metrics.METRICS] = metrics.ControllerMetrics(app[api.DEFINITIONS])
     app.add_routes(api.routes)
+    app.add_routes(metrics.routes)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_correlator)
     app.cleanup_ctx.append(_timers)
     app.cleanup_ctx.append(_retention)
     app.cleanup_ctx.append(_liveness)
+    app.cleanup_ctx.append(_progress)
+    app.on_shutdown.append(_end_progress_streams)  # before the server waits for open handlers
     return app
 
 
@@ -61,7 +66,9 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     client = connect(settings.redis_url, name=f"streamsaga-controller-{settings.consumer}")
     app[api.REDIS] = client
-    app[api.STORE] = WorkflowStore(client, settings.partitions, retention_s=settings.retention_s)
+    app[api.STORE] = WorkflowStore(
+        client, settings.partitions, retention_s=settings.retention_s, observer=app[metrics.METRICS].observe
+    )
     try:
         yield
     finally:
@@ -80,6 +87,7 @@ async def _correlator(app: web.Application) -> AsyncIterator[None]:
         batch=settings.batch,
         block_ms=settings.block_ms,
         policy=RetryPolicy(max_deliveries=settings.max_deliveries, claim_idle_ms=settings.claim_idle_ms),
+        metrics=app[metrics.METRICS],
     )
     stop = asyncio.Event()
     task = asyncio.create_task(_run_correlator(correlator, stop, app[api.CORRELATOR_READY]), name="correlator")
@@ -134,6 +142,40 @@ async def _liveness(app: web.Application) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def _progress(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    # the hub blocks in XREAD: a client of its own, so the API's commands never wait behind it
+    reader = connect(settings.redis_url, name=f"streamsaga-progress-{settings.consumer}")
+    hub = ProgressHub(
+        reader,
+        settings.partitions,
+        block_ms=min(settings.block_ms, MAX_BLOCK_MS),
+        buffer_events=settings.sse_buffer_events,
+        keepalive_s=settings.sse_keepalive_s,
+    )
+    app[api.PROGRESS] = hub
+    app[metrics.METRICS].sse_clients = lambda: hub.clients
+    task = asyncio.create_task(hub.run(), name="progress hub")
+    try:
+        yield
+    finally:
+        hub.stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), hub.block_ms / 1000 + STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("the progress hub did not stop in time; cancelling it")
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            await reader.aclose()
+
+
+async def _end_progress_streams(app: web.Application) -> None:
+    """End every SSE stream, so shutting down does not wait for clients that never leave."""
+    if api.PROGRESS in app:
+        app[api.PROGRESS].end_streams("the controller is stopping")
 
 
 async def _warn_uncovered(

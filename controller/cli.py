@@ -8,18 +8,21 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from pydantic import ValidationError
 from yarl import URL
 
 from contracts.definitions import ORDER_SAGA
+from controller.exit_status import ALL_EXIT_STATUS_HELP, EXIT_STATUS_HELP
 from controller.settings import DEFAULT_REDIS_URL, REDIS_URL_ENV, ControllerSettings
+from participants.sdk import logs
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from controller.dead_letters import DeadLetter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 API_ENV = "STREAMSAGA_API"
 DEFAULT_API = "http://127.0.0.1:8080"
@@ -45,14 +49,14 @@ def _defaults() -> ControllerSettings:
     return ControllerSettings(consumer="-")
 
 
-async def until_signalled(work: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+async def until_signalled(work: Callable[[asyncio.Event], Awaitable[T]]) -> T:
     """Run ``work(stop)`` with SIGINT and SIGTERM setting ``stop`` instead of killing the process."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await work(stop)
+        return await work(stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -212,6 +216,8 @@ def _worker(args: argparse.Namespace) -> int:
         "countries": args.countries,
         "notify_fail_customers": args.notify_fail_customers,
         "refund_fail_customers": args.refund_fail_customers,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
     }
     settings = WorkerSettings(**{name: value for name, value in given.items() if value is not None})
     asyncio.run(until_signalled(lambda stop: run_worker(args.name, settings, stop)))
@@ -262,13 +268,21 @@ def _worker_parser(sub: Any) -> None:
         metavar="ID,ID,...",
         help="customer ids whose refund fails, to exercise a compensation that needs attention (default: none)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics of the handlers at http://HOST:PORT/metrics (default: 0, off)",
+    )
+    p.add_argument("--metrics-host", metavar="HOST", help="address of the metrics endpoint (default: 127.0.0.1)")
     p.set_defaults(run=_worker)
 
 
 # --- submit ------------------------------------------------------------------------
 
 
-async def _post(url: str, body: bytes, idempotency_key: str | None) -> int:
+async def _post(url: str, body: bytes, idempotency_key: str | None) -> tuple[int, str | None]:
+    """POST a start request; (exit status, the workflow id if it was accepted)."""
     import aiohttp
 
     headers = {"Content-Type": "application/json"}
@@ -279,17 +293,18 @@ async def _post(url: str, body: bytes, idempotency_key: str | None) -> int:
             text = await response.text()
             if response.status >= 400:
                 _print_problem(response.status, text)
-                return 1
+                return 1, None
             accepted = orjson.loads(text)
             location = response.headers.get("Location", "")
             print(accepted["workflow_id"])
             print(f"Location: {response.url.join(URL(location)) if location else '-'}")
             if response.headers.get("Idempotent-Replayed") == "true":
                 print("(replayed: this Idempotency-Key was used before with the same body)", file=sys.stderr)
-            return 0
+            sys.stdout.flush()  # before a --watch view takes over standard output
+            return 0, str(accepted["workflow_id"])
     except aiohttp.ClientError as exc:
         print(f"streamsaga submit: cannot reach the API at {url}: {exc}", file=sys.stderr)
-        return 1
+        return 1, None
 
 
 def _print_problem(status: int, text: str) -> None:
@@ -309,24 +324,98 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"streamsaga submit: {exc}", file=sys.stderr)
         return 1
     path = "/v1/orders" if args.workflow is None else f"/v1/workflows/{args.workflow}"
-    return asyncio.run(_post(args.api.rstrip("/") + path, body, args.idempotency_key))
+    status, workflow_id = asyncio.run(_post(args.api.rstrip("/") + path, body, args.idempotency_key))
+    if status or not args.watch or workflow_id is None:
+        return status
+    return _watch_run(args, workflow_id)
 
 
 def _submit_parser(sub: Any) -> None:
-    p = sub.add_parser("submit", help="start a workflow from a JSON file", description=(
+    p = sub.add_parser("submit", help="start a workflow from a JSON file", description=textwrap.fill(
         "POST a JSON body to the API: an order (POST /v1/orders) or, with --workflow, the start payload "
         "of any workflow.  Prints the workflow id, then its Location; exits 1 with the problem's detail "
-        "if the API rejects it."
-    ))  # fmt: skip
+        "if the API rejects it.  With --watch it then follows the workflow like `streamsaga watch ID` "
+        "and exits with the status that states its outcome."
+    ), epilog="with --watch, " + EXIT_STATUS_HELP, formatter_class=_RAW)  # fmt: skip
     p.add_argument("file", metavar="FILE", help="JSON file to send, or - for standard input")
-    p.add_argument(
+    _add_api(p)
+    p.add_argument("--idempotency-key", metavar="KEY", help="send this Idempotency-Key header")
+    p.add_argument("--workflow", metavar="NAME", help="start workflow NAME instead of an order")
+    p.add_argument("--watch", action="store_true", help="then follow the workflow to its outcome, live")
+    _add_watch_options(p)
+    p.set_defaults(run=_submit)
+
+
+# --- watch -------------------------------------------------------------------------
+
+_RAW = argparse.RawDescriptionHelpFormatter  # descriptions are filled by hand, epilogs are tables
+
+
+def _add_api(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--api",
         default=os.environ.get(API_ENV, DEFAULT_API),
         help=f"base URL of the API (default: ${API_ENV}, else {DEFAULT_API})",
     )
-    p.add_argument("--idempotency-key", metavar="KEY", help="send this Idempotency-Key header")
-    p.add_argument("--workflow", metavar="NAME", help="start workflow NAME instead of an order")
-    p.set_defaults(run=_submit)
+
+
+def _add_watch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout", type=_seconds, metavar="SECONDS", help="give up after SECONDS (exit 6; watch --all exits 0)"
+    )
+    parser.add_argument(
+        "--until-terminal",
+        action="store_true",
+        help="do not stop at needs_attention: wait for completed, compensated or failed",
+    )
+    parser.add_argument(
+        "--plain", action="store_true", help="print one line per event even on a terminal (the default elsewhere)"
+    )
+
+
+def _watch_run(args: argparse.Namespace, workflow_id: str | None) -> int:
+    """Watch ``workflow_id`` (``None``: every workflow) until the outcome, a signal or --timeout."""
+    from rich.console import Console
+
+    from controller import watch
+
+    console = Console()  # standard output; a live view only if it is a terminal
+
+    async def work(stop: asyncio.Event) -> int:
+        async with watch.client_session() as session:
+            api = watch.ApiClient(session, args.api)
+            if workflow_id is None:
+                return await watch.watch_all(api, console, stop, plain=args.plain, timeout=args.timeout)
+            following = watch.watch_workflow(
+                api, workflow_id, console, until_terminal=args.until_terminal, plain=args.plain, timeout=args.timeout
+            )
+            return await watch.until_stopped(following, stop)
+
+    return asyncio.run(until_signalled(work))
+
+
+def _watch(args: argparse.Namespace) -> int:
+    if (args.id is not None) == args.all:
+        given = "both an ID and --all" if args.all else "neither an ID nor --all"
+        args.parser.error(f"give a workflow ID or --all, not {given}")  # exits 2
+    if args.all and args.until_terminal:
+        args.parser.error("--until-terminal applies to one workflow, not to --all")
+    return _watch_run(args, args.id)
+
+
+def _watch_parser(sub: Any) -> None:
+    p = sub.add_parser("watch", help="follow a workflow (or every one) live", description=textwrap.fill(
+        "Follow workflow ID: a timeline of its steps — status, when each started, how long it took, the "
+        "deadline it runs against, compensations and attempts — updated as events arrive, until its "
+        "outcome, which the exit status states.  With --all: the in-flight workflows (definition, status, "
+        "current step, age) and how many workflows are in each status, live.  On a terminal this is a live "
+        "view; elsewhere (a pipe, CI) or with --plain, one line per event."
+    ), epilog=f"{EXIT_STATUS_HELP}\n{ALL_EXIT_STATUS_HELP}", formatter_class=_RAW)  # fmt: skip
+    p.add_argument("id", nargs="?", metavar="ID", help="the workflow to follow")
+    p.add_argument("--all", action="store_true", help="watch every workflow instead of one")
+    _add_api(p)
+    _add_watch_options(p)
+    p.set_defaults(run=_watch, parser=p)
 
 
 # --- contracts ---------------------------------------------------------------------
@@ -740,12 +829,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (default: %(default)s)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=logs.LOG_FORMATS,
+        help="log lines as readable text or as one JSON object each (default: %(default)s)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _dev_parser,
         _controller_parser,
         _worker_parser,
         _submit_parser,
+        _watch_parser,
         _contracts_parser,
         _ledger_parser,
         _dlq_parser,
@@ -754,24 +850,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Formatter(logging.Formatter):
-    """Appends the correlation id (the workflow id) of records that carry one."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        correlation_id = getattr(record, "correlation_id", None)
-        return f"{line} [correlation_id={correlation_id}]" if correlation_id else line
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``streamsaga``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    # every process's log lines carry the correlation id, step and attempt (see participants.sdk.logs)
+    logs.configure_logging(args.log_level, args.log_format)
     result: int = args.run(args)
     return result

@@ -12,22 +12,30 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 
 from contracts import naming
 from contracts.envelope import DecodeError, Envelope, utcnow
-from contracts.messages import PayloadError
+from contracts.messages import TIMER_FIRED, PayloadError
 from controller import state_machine
 from controller.definitions import Definitions, UnknownWorkflow
-from controller.instance import Instance
+from controller.instance import Instance, WorkflowStatus
 from controller.store import WorkflowStore
+from participants.sdk import tracing
 from participants.sdk.commit import Commit, Outcome
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, decode_entry
+from participants.sdk.metrics import DeadLetterReason, dead_letter_reason
+
+if TYPE_CHECKING:
+    from controller.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 
 MAX_CONFLICT_ROUNDS = 5
+
+_Rejected = tuple[Entry, str, DeadLetterReason]  # an entry to dead-letter, why, and the kind of why
 
 
 class Correlator:
@@ -43,8 +51,10 @@ class Correlator:
         pending_interval_s: float = 1.0,
         policy: RetryPolicy | None = None,
         clock: Callable[[], datetime] = utcnow,
+        metrics: ControllerMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.definitions = definitions
         self.clock = clock
         self.pending_interval_s = pending_interval_s
@@ -82,7 +92,10 @@ class Correlator:
                     retry, exhausted = await self.reader.pending()
                     if exhausted:
                         await self._dead_letter(
-                            [(e, f"not applied after {e.deliveries - 1} deliveries") for e in exhausted]
+                            [
+                                (e, f"not applied after {e.deliveries - 1} deliveries", DeadLetterReason.EXHAUSTED)
+                                for e in exhausted
+                            ]
                         )
                     if retry:
                         await self.handle(retry)
@@ -98,13 +111,13 @@ class Correlator:
 
     async def handle(self, entries: list[Entry]) -> None:
         """Apply a batch of entries (in stream order per workflow)."""
-        rejected: list[tuple[Entry, str]] = []
+        rejected: list[_Rejected] = []
         decoded: list[tuple[Entry, Envelope]] = []
         for entry in entries:
             try:
                 decoded.append((entry, decode_entry(entry, self.store.partitions)))
             except (DecodeError, PayloadError) as exc:
-                rejected.append((entry, exc.reason))
+                rejected.append((entry, exc.reason, dead_letter_reason(exc)))
         # Apply in time order across streams: entry ids give the server's millisecond,
         # the producer's clock breaks ties within it.  (The state machine does not
         # depend on this order; the history reads better for it.)
@@ -122,44 +135,103 @@ class Correlator:
             await self._dead_letter(rejected)
 
     async def _apply(
-        self, work: dict[str, list[tuple[Entry, Envelope]]], rejected: list[tuple[Entry, str]]
+        self, work: dict[str, list[tuple[Entry, Envelope]]], rejected: list[_Rejected]
     ) -> dict[str, list[tuple[Entry, Envelope]]]:
         """One round: load, decide, commit.  Returns the work that hit a version conflict."""
         instances = await self.store.load_many(work)
         now = self.clock()
         commits: list[Commit] = []
         owners: list[tuple[str, int]] = []  # (workflow id, index of its message) per commit
+        decided: list[tuple[Instance, state_machine.Transition, Envelope]] = []  # per commit
         for workflow_id, messages in work.items():
             instance = instances[workflow_id]
             if instance is None:
-                rejected += [(entry, f"no such workflow {workflow_id!r}") for entry, _ in messages]
+                reason = f"no such workflow {workflow_id!r}"
+                rejected += [(entry, reason, DeadLetterReason.NO_SUCH_WORKFLOW) for entry, _ in messages]
                 continue
             try:
                 definition = self.definitions.get(instance.workflow.name, instance.workflow.version)
             except UnknownWorkflow as exc:
-                rejected += [(entry, str(exc)) for entry, _ in messages]
+                rejected += [(entry, str(exc), DeadLetterReason.UNKNOWN_DEFINITION) for entry, _ in messages]
                 continue
             current: Instance = instance
             for index, (entry, envelope) in enumerate(messages):
-                result = state_machine.transition(definition, current, envelope, now)
+                with tracing.span(f"controller {envelope.type}", envelope.traceparent, {"correlation_id": workflow_id}):
+                    result = state_machine.transition(definition, current, envelope, now)
                 commits.append(self.store.commit(current, result, cause=entry))
                 owners.append((workflow_id, index))
+                decided.append((current, result, envelope))
                 current = result.instance
         results = await self.store.script.run(self.store.redis, commits)
         retry: dict[str, list[tuple[Entry, Envelope]]] = {}
-        for (workflow_id, index), outcome in zip(owners, results, strict=True):
+        for (workflow_id, index), (before, result, envelope), outcome in zip(owners, decided, results, strict=True):
             if outcome.outcome is Outcome.OK:
                 self.applied += 1
+                self.store.committed(before, result)
+                if self.metrics is not None:
+                    self.metrics.applied()
+                _log_commit(before, result, envelope)
             elif outcome.outcome is Outcome.DUPLICATE:
                 self.duplicates += 1
+                if self.metrics is not None and not self._read_back(before, envelope):
+                    self.metrics.duplicate()
             elif workflow_id not in retry:
                 # this and every later message of the workflow must be decided again
                 retry[workflow_id] = work[workflow_id][index:]
         return retry
 
-    async def _dead_letter(self, rejected: list[tuple[Entry, str]]) -> None:
+    def _read_back(self, instance: Instance, envelope: Envelope) -> bool:
+        """Whether ``envelope`` is its workflow's start event: the controller applied it as it
+        published it, so reading it back is expected, not a redelivery."""
+        definition = self.definitions.get(instance.workflow.name, instance.workflow.version)
+        return envelope.producer == state_machine.PRODUCER and envelope.type == definition.start
+
+    async def _dead_letter(self, rejected: list[_Rejected]) -> None:
+        await self.reader.dead_letter([(entry, reason) for entry, reason, _ in rejected])
         self.dead_lettered += len(rejected)
-        await self.reader.dead_letter(rejected)
+        if self.metrics is not None:
+            for _, _, kind in rejected:
+                self.metrics.dead_lettered(kind)
+
+
+def _log_commit(before: Instance, result: state_machine.Transition, envelope: Envelope) -> None:
+    """A line per applied message (debug), and one per change of the workflow's status (info;
+    warning when it needs attention)."""
+    after = result.instance
+    cause = result.history[0]
+    extra = {
+        "correlation_id": after.id,
+        "step": cause.step or _timer_step(envelope),
+        "attempt": envelope.attempt,
+        "message_type": envelope.type,
+        "traceparent": envelope.traceparent,
+    }
+    if after.status is before.status:
+        log.debug("%s %s: applied %s%s", after.workflow.name, after.id, envelope.type, _note(cause.detail), extra=extra)
+        return
+    log.log(
+        logging.WARNING if after.status is WorkflowStatus.NEEDS_ATTENTION else logging.INFO,
+        "%s %s: %s -> %s on %s%s",
+        after.workflow.name,
+        after.id,
+        before.status,
+        after.status,
+        envelope.type,
+        _note(cause.detail or after.error),
+        extra=extra,
+    )
+
+
+def _note(detail: str | None) -> str:
+    return f": {detail}" if detail else ""
+
+
+def _timer_step(envelope: Envelope) -> str | None:
+    """The step a fired timer is about (``step:<name>``, ``comp:<name>``); None for the SLA."""
+    if envelope.type != TIMER_FIRED:
+        return None
+    _, _, step = str(envelope.payload.get("timer", "")).partition(":")
+    return step or None
 
 
 def _time_order(item: tuple[Entry, Envelope]) -> tuple[int, datetime]:

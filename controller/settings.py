@@ -43,6 +43,10 @@ class ControllerSettings:
     step no live worker subscribes to (three of the SDK's default heartbeat intervals)."""
     liveness_forget_s: float = 3_600.0
     """A heartbeat this old (its worker died without stopping) is deleted by ``GET /v1/participants``."""
+    sse_keepalive_s: float = 15.0
+    """An SSE stream with nothing to send this long gets a ``: keep-alive`` comment."""
+    sse_buffer_events: int = 1_000
+    """Events an SSE client may fall behind before it is disconnected with an ``overflow`` event."""
 
     def __post_init__(self) -> None:
         if self.partitions < 1:
@@ -57,5 +61,9 @@ class ControllerSettings:
         for name in ("liveness_grace_s", "liveness_forget_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+        if not self.sse_keepalive_s > 0:
+            raise ValueError(f"sse_keepalive_s must be positive, not {self.sse_keepalive_s}")
+        if self.sse_buffer_events < 1:
+            raise ValueError(f"sse_buffer_events must be positive, not {self.sse_buffer_events}")
         if not self.consumer:
             raise ValueError("consumer must not be empty")

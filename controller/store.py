@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from redis.asyncio import Redis
@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 
 PROGRESS_MAXLEN = 100_000
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c9a56-2a7e-4f0c-9d55-3c1f3b8e2a10")
+
+
+class CommitObserver(Protocol):
+    """Told about every transition that was committed (``before`` is None for a start);
+    :meth:`controller.metrics.ControllerMetrics.observe` is one."""
+
+    def __call__(self, before: Instance | None, result: state_machine.Transition) -> None: ...
 
 
 class IdempotencyConflict(Exception):
@@ -60,11 +67,13 @@ class WorkflowStore:
         *,
         retention_s: int = 7 * 86_400,
         script: CommitScript | None = None,
+        observer: CommitObserver | None = None,
     ) -> None:
         self.redis = redis
         self.partitions = partitions
         self.retention_s = retention_s
         self.script = script or CommitScript()
+        self.observer = observer
 
     def partition(self, workflow_id: str) -> int:
         return naming.partition_of(workflow_id, self.partitions)
@@ -127,8 +136,14 @@ class WorkflowStore:
             result = state_machine.transition(definition, instance, message, now)
             [outcome] = await self.script.run(self.redis, [self.commit(instance, result)])
             if outcome.outcome is Outcome.OK:
+                self.committed(instance, result)
                 return result.instance
         raise RuntimeError(f"workflow {workflow_id} kept changing; try again")
+
+    def committed(self, before: Instance | None, result: state_machine.Transition) -> None:
+        """Tell the observer that the commit of ``result`` took effect."""
+        if self.observer is not None:
+            self.observer(before, result)
 
     def commit(self, before: Instance | None, result: state_machine.Transition, cause: Entry | None = None) -> Commit:
         """The atomic commit of one transition (and the ack of the entry that caused it)."""
@@ -193,6 +208,7 @@ class WorkflowStore:
         )
         [outcome] = await self.script.run(self.redis, [self.commit(None, result)])
         if outcome.outcome is Outcome.OK:
+            self.committed(None, result)
             return result.instance, True
         existing = await self.load(workflow_id)
         if existing is None:  # expired between the two calls: start afresh

@@ -23,12 +23,13 @@ Beside the read loop a maintenance loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -42,10 +43,13 @@ from redis.typing import StreamIdT
 from contracts import naming
 from contracts.envelope import DecodeError, Envelope, derived_message_id, encode, utcnow
 from contracts.messages import PayloadError, validate_payload
+from participants.sdk import tracing
 from participants.sdk.commit import Commit, CommitResult, CommitScript, Outcome
 from participants.sdk.connection import connect
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit, decode_entry
 from participants.sdk.errors import Reject, Retry
+from participants.sdk.logs import log_context
+from participants.sdk.metrics import DeadLetterReason, HandlerOutcome, MetricsServer, RunnerMetrics, dead_letter_reason
 from participants.sdk.participant import Message, Participant, Reply
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,10 @@ class RunnerSettings:
     heartbeat_interval_s: float = 5.0
     outcome_ttl_s: int = OUTCOME_TTL_S
     """How long an outcome record (the idempotency key of one handled message) is kept."""
+    metrics_port: int = 0
+    """Serve Prometheus metrics at ``GET /metrics`` on this port while running; 0: do not."""
+    metrics_host: str = "127.0.0.1"
+    """The address the metrics endpoint listens on."""
 
     def __post_init__(self) -> None:
         for name in ("partitions", "concurrency", "batch", "block_ms", "max_deliveries", "retry_base_ms"):
@@ -105,6 +113,8 @@ class RunnerSettings:
                 f"claim_idle_ms ({self.claim_idle_ms}) must be at least twice pending_interval_s "
                 f"({self.pending_interval_s}s)"
             )
+        if not 0 <= self.metrics_port <= 65_535:
+            raise ValueError(f"metrics_port must be within 0..65535, got {self.metrics_port!r}")
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(
@@ -177,6 +187,8 @@ class Runner:
         self.group = naming.participant_group(participant.name)
         self.policy = settings.policy()
         self.stats = RunnerStats()
+        self.metrics = RunnerMetrics(participant.name, self.group)
+        self._metrics_server: MetricsServer | None = None
         self._script = CommitScript()
         self._redis: Redis | None = None
         self._reader: GroupReader | None = None
@@ -212,6 +224,11 @@ class Runner:
 
     async def __aenter__(self) -> Runner:
         settings = self.settings
+        if settings.metrics_port:
+            # first, so a port in use fails before anything else was started
+            server = MetricsServer(self.metrics.registry, settings.metrics_host, settings.metrics_port)
+            await server.start()
+            self._metrics_server = server
         self._redis = connect(settings.redis_url, name=f"{self.participant.name}:{settings.consumer}")
         try:
             self._reader = GroupReader(
@@ -229,6 +246,7 @@ class Runner:
         except BaseException:
             await self._redis.aclose()
             self._redis = None
+            await self._stop_metrics()
             raise
         self._heartbeat_halt.clear()
         self._heartbeat = asyncio.create_task(
@@ -262,7 +280,13 @@ class Runner:
             await redis.aclose()
             self._redis = None
             self._reader = None
+            await self._stop_metrics()
         log.info("%s stopped (%s)", self.heartbeat_field, self.stats)
+
+    async def _stop_metrics(self) -> None:
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+            self._metrics_server = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read and handle until ``stop`` is set; then finish the messages in
@@ -330,21 +354,21 @@ class Runner:
         held = len(entries)  # reading slots this batch holds until its handlers run
         try:
             commits: list[Commit] = []
-            kinds: list[tuple[_Kind, int]] = []  # per commit: what it is and how many messages it emits
+            kinds: list[tuple[_Kind, int, str]] = []  # per commit: what it is, how many messages it emits, type
             settled: list[_Key] = []  # entries whose commit acks them
             valid: list[tuple[Entry, Envelope]] = []
             for entry in entries:
                 try:
                     valid.append((entry, decode_entry(entry, self.settings.partitions)))
                 except (DecodeError, PayloadError) as error:
-                    commits.append(self._dead_letter_commit(entry, error.reason))
-                    kinds.append((_Kind.DEAD_LETTER, 0))
+                    commits.append(self._dead_letter_commit(entry, error.reason, dead_letter_reason(error)))
+                    kinds.append((_Kind.DEAD_LETTER, 0, _type_of(entry)))
                     settled.append((entry.stream, entry.id))
             fresh: list[tuple[Entry, Envelope]] = []
             for (entry, envelope), done in zip(valid, await self._already_handled(valid), strict=True):
                 if done:
                     commits.append(Commit().ack(entry.stream, self.group, entry.id))
-                    kinds.append((_Kind.DUPLICATE, 0))
+                    kinds.append((_Kind.DUPLICATE, 0, _type_of(entry)))
                     settled.append((entry.stream, entry.id))
                 else:
                     fresh.append((entry, envelope))
@@ -368,14 +392,14 @@ class Runner:
                     settled.append((entry.stream, entry.id))
                 if isinstance(result, _Handled):
                     commits.append(self._outcome_commit(entry, envelope, result.outgoing))
-                    kinds.append((_Kind.OUTCOME, len(result.outgoing)))
+                    kinds.append((_Kind.OUTCOME, len(result.outgoing), _type_of(entry)))
                 elif isinstance(result, _Rejected):
-                    commits.append(self._dead_letter_commit(entry, result.reason))
-                    kinds.append((_Kind.DEAD_LETTER, 0))
+                    commits.append(self._dead_letter_commit(entry, result.reason, DeadLetterReason.REJECTED))
+                    kinds.append((_Kind.DEAD_LETTER, 0, _type_of(entry)))
                 elif entry.deliveries >= self.policy.max_deliveries:
                     reason = f"gave up after {entry.deliveries} deliveries: {result.reason}"
-                    commits.append(self._dead_letter_commit(entry, reason))
-                    kinds.append((_Kind.DEAD_LETTER, 0))
+                    commits.append(self._dead_letter_commit(entry, reason, DeadLetterReason.EXHAUSTED))
+                    kinds.append((_Kind.DEAD_LETTER, 0, _type_of(entry)))
                 else:
                     self._remember_failure(entry, result)
             self._count(kinds, await self._script.run(self.redis, commits))
@@ -396,9 +420,14 @@ class Runner:
             return [bool(found) for found in await pipe.execute()]
 
     async def _handle(self, entry: Entry, envelope: Envelope) -> _Result:
-        extra = {"correlation_id": envelope.correlation_id, "message_type": envelope.type, "attempt": entry.deliveries}
+        extra: dict[str, object] = {
+            "correlation_id": envelope.correlation_id,
+            "step": _step_of(envelope),
+            "message_type": envelope.type,
+            "attempt": entry.deliveries,
+        }
         name = self.participant.name
-        async with self._slots:
+        async with self._slots, self._scope(envelope, extra):
             msg = Message(envelope, self.redis, name, entry.stream, entry.id, entry.deliveries)
             deadline = asyncio.timeout(self.settings.handler_timeout_s)
             try:
@@ -432,6 +461,18 @@ class Runner:
                 return _Failed(f"handler did not finish within {self.settings.handler_timeout_s}s", None)
             except Exception as error:
                 return self._failed(entry, envelope, error, extra)
+
+    @contextlib.asynccontextmanager
+    async def _scope(self, envelope: Envelope, extra: dict[str, object]) -> AsyncIterator[None]:
+        """Around one handler: every log line carries ``extra``, a span (with OpenTelemetry), its metrics."""
+        name = f"{self.participant.name} {envelope.type}"
+        attributes = {"streamsaga.correlation_id": envelope.correlation_id, "messaging.message.id": envelope.message_id}
+        with (
+            log_context(**extra, traceparent=envelope.traceparent),
+            tracing.span(name, envelope.traceparent, attributes),
+            self.metrics.handling(envelope.type),
+        ):
+            yield
 
     def _failed(self, entry: Entry, envelope: Envelope, error: Exception, extra: dict[str, object]) -> _Failed:
         log.warning(
@@ -483,7 +524,7 @@ class Runner:
             commit.xadd(naming.message_stream(p, message.type), encode(message))
         return commit.ack(entry.stream, self.group, entry.id)
 
-    def _dead_letter_commit(self, entry: Entry, reason: str) -> Commit:
+    def _dead_letter_commit(self, entry: Entry, reason: str, kind: DeadLetterReason) -> Commit:
         log.warning(
             "%s dead-letters %s %s from %s (delivery %d): %s",
             self.participant.name,
@@ -494,6 +535,7 @@ class Runner:
             reason,
             extra={"correlation_id": entry.field(naming.FIELD_CORRELATION_ID), "attempt": entry.deliveries},
         )
+        self.metrics.dead_lettered(_type_of(entry), kind)
         return dead_letter_commit(entry, self.group, self.settings.consumer, reason)
 
     def _remember_failure(self, entry: Entry, failure: _Failed) -> None:
@@ -504,17 +546,20 @@ class Runner:
         else:
             self._not_before[key] = time.monotonic() + failure.delay
         self.stats.failed += 1
+        self.metrics.message(_type_of(entry), HandlerOutcome.FAILED if failure.delay is None else HandlerOutcome.RETRY)
 
-    def _count(self, kinds: list[tuple[_Kind, int]], results: list[CommitResult]) -> None:
+    def _count(self, kinds: list[tuple[_Kind, int, str]], results: list[CommitResult]) -> None:
         stats = self.stats
-        for (kind, emitted), result in zip(kinds, results, strict=True):
+        for (kind, emitted, message_type), result in zip(kinds, results, strict=True):
             if kind is _Kind.DEAD_LETTER:
-                stats.dead_lettered += 1
+                stats.dead_lettered += 1  # and counted in the metrics as it was decided
             elif kind is _Kind.DUPLICATE or result.outcome is Outcome.DUPLICATE:
                 stats.duplicates += 1
+                self.metrics.message(message_type, HandlerOutcome.DUPLICATE)
             else:
                 stats.handled += 1
                 stats.emitted += emitted
+                self.metrics.message(message_type, HandlerOutcome.OK)
 
     # --- retries, takeover, dead letters --------------------------------------------
 
@@ -543,7 +588,7 @@ class Runner:
                 reason = f"gave up after {delivered.deliveries} deliveries: " + (
                     last or "no error recorded (a consumer died or stalled while handling it)"
                 )
-                commits.append(self._dead_letter_commit(delivered, reason))
+                commits.append(self._dead_letter_commit(delivered, reason, DeadLetterReason.EXHAUSTED))
             await self._script.run(self.redis, commits)
             self.stats.dead_lettered += len(commits)
         if retry and not stop.is_set():
@@ -609,6 +654,17 @@ class Runner:
             **dataclasses.asdict(self.stats),
         }
         await self.redis.hset(naming.heartbeat_key(), self.heartbeat_field, orjson.dumps(beat))
+
+
+def _type_of(entry: Entry) -> str:
+    """The message type of an entry, from its stream: a bounded metrics label even for garbage."""
+    return naming.type_of_stream(entry.stream)
+
+
+def _step_of(envelope: Envelope) -> str | None:
+    """The step a message names: commands (and compensation replies) carry it in their payload."""
+    step = envelope.payload.get("step")
+    return step if isinstance(step, str) else None
 
 
 async def run_participant(participant: Participant, settings: RunnerSettings, stop: asyncio.Event) -> None:

@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 from redis.asyncio import Redis
 
 from contracts import naming
+from contracts.definitions import ORDER_SAGA, RetryPolicy, WorkflowDefinition
 from controller.embedded_redis import free_port
 from participants.workers import WORKER_NAMES
 
 PARTITIONS = 4
 NO_NOTIFY_CUSTOMER = "no-notify"
 TERMINAL = ("completed", "compensated", "failed")
+SHIPPING_TIMEOUT_S = 1.5
 
 
 class Deployment:
@@ -226,3 +229,21 @@ def order(
         "currency": "USD",
         "ship_to": {"country": country, "city": "Springfield"},
     }
+
+
+def short_order_saga(**changes: Any) -> WorkflowDefinition:
+    """The order saga, version 2, with deadlines short enough for tests."""
+    steps = []
+    for step in ORDER_SAGA.steps:
+        update: dict[str, Any] = {"timeout_s": SHIPPING_TIMEOUT_S if step.name == "shipping" else 20.0}
+        if step.compensation:
+            update["compensation"] = step.compensation.model_copy(
+                update={"timeout_s": 2.0, "retry": RetryPolicy(max_attempts=3, base_s=0.2, max_s=1.0)}
+            )
+        steps.append(step.model_copy(update=update))
+    return ORDER_SAGA.model_copy(update={"version": 2, "steps": tuple(steps), "sla_s": 60.0, **changes})
+
+
+def definitions_file(path: Path, definition: WorkflowDefinition) -> Path:
+    path.write_bytes(orjson.dumps([definition.model_dump(mode="json")]))
+    return path
