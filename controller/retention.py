@@ -118,11 +118,15 @@ class Retention:
         self.trimmed = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
+        """A pass every ``interval_s``, the first one interval after start (a restarted
+        controller has nothing urgent to trim)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+            if stop.is_set():
+                return
             try:
                 self.trimmed += await trim_streams(self.redis, self.partitions)
                 await prune_status_indexes(self.redis, self.partitions, self.retention_s)
             except RedisError as exc:
                 log.warning("retention pass failed: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval_s)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from redis.asyncio import Redis
 
 from contracts import naming
 from controller.instance import WorkflowStatus
-from controller.retention import prune_status_indexes, trim_point, trim_streams
+from controller.retention import Retention, prune_status_indexes, trim_point, trim_streams
+from tests.conftest import eventually
 
 P = 2
 
@@ -79,3 +81,18 @@ async def test_expired_finished_workflows_leave_the_status_indexes(redis: Redis)
     assert await prune_status_indexes(redis, P, retention_s=3600) == 1
     assert await redis.zrange(done, 0, -1) == [b"new"]
     assert await redis.zrange(running, 0, -1) == [b"old-but-running"]
+
+
+async def test_the_retention_loop_trims_after_its_interval_and_stops_promptly(redis: Redis) -> None:
+    stream = naming.message_stream(0, "InventoryReserved")
+    await add(redis, stream, 3)
+    await redis.xgroup_create(stream, "shipping", id="$")  # everything before counts as delivered
+    retention = Retention(redis, P, 3600, interval_s=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(retention.run(stop))
+    try:
+        await eventually(lambda: ids(redis, stream), lambda left: left == [])
+    finally:
+        stop.set()
+        await task
+    assert retention.trimmed == 3
