@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 from pydantic import TypeAdapter
 
-from contracts.definitions import ORDER_SAGA, WorkflowDefinition
+from contracts.definitions import ORDER_SAGA, Role, WorkflowDefinition
 from contracts.messages import TIMER_FIRED
 
 _MANY = TypeAdapter(list[WorkflowDefinition])
@@ -57,8 +57,19 @@ class Definitions:
         return sorted(self._latest)
 
     def event_types(self) -> set[str]:
-        """Every message type the controller correlates (its own timers included)."""
-        return {TIMER_FIRED} | {t for d in self._by_version.values() for t in d.message_types()}
+        """Every message type the controller correlates (its own timers included).
+
+        A start event only the controller publishes, and that means nothing to it
+        but "the first step started", is left out: :func:`state_machine.start`
+        applies it when it publishes it, so reading it back would only find a duplicate.
+        """
+        needed: set[str] = {TIMER_FIRED}
+        for definition in self._by_version.values():
+            for message_type, roles in definition.roles.items():
+                own_start = message_type == definition.start and all(role is Role.TRIGGER for _, role in roles)
+                if not own_start:
+                    needed.add(message_type)
+        return needed
 
     def all_types(self) -> set[str]:
         return {t for d in self._by_version.values() for t in d.message_types() | d.command_types()}

@@ -157,11 +157,12 @@ class WorkflowStore:
         dedupe_id = incoming.message_id if incoming else result.history[0].message_id
         commit.dedupe(seen, dedupe_id)
         commit.hset(inst_key, {"v": str(instance.version), "s": instance.model_dump_json()})
-        commit.rpush(hist, *(entry.model_dump_json() for entry in result.history))
+        lines = [entry.model_dump_json() for entry in result.history]
+        commit.rpush(hist, *lines)
         for message in result.outgoing:
             commit.xadd(naming.message_stream(p, message.type), encode(message))
-        for entry in result.history:
-            commit.xadd(naming.progress_stream(p), _progress(instance, entry), maxlen=PROGRESS_MAXLEN)
+        for entry, line in zip(result.history, lines, strict=True):
+            commit.xadd(naming.progress_stream(p), _progress(instance, entry, line), maxlen=PROGRESS_MAXLEN)
         if before is not None and before.status != instance.status:
             commit.zrem(naming.status_index_key(p, before.status), instance.id)
         commit.zadd(naming.status_index_key(p, instance.status), _ms(instance.updated_at), instance.id)
@@ -221,7 +222,7 @@ class WorkflowStore:
         return existing, False
 
 
-def _progress(instance: Instance, entry: HistoryEntry) -> dict[str, str | bytes]:
+def _progress(instance: Instance, entry: HistoryEntry, line: str) -> dict[str, str | bytes]:
     """A progress record: routing fields to filter on without decoding, and the
     history line itself, so a live view shows exactly what a replay shows."""
     return {
@@ -231,5 +232,5 @@ def _progress(instance: Instance, entry: HistoryEntry) -> dict[str, str | bytes]
         "status": instance.status,
         "seq": str(entry.seq),
         "type": entry.type,
-        "entry": entry.model_dump_json(),
+        "entry": line,
     }

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from contracts.definitions import ORDER_SAGA
+from contracts.definitions import ORDER_SAGA, StepDefinition, WorkflowDefinition
 from contracts.messages import TIMER_FIRED
 from controller.definitions import Definitions, UnknownWorkflow
 
@@ -29,7 +29,23 @@ def test_the_controller_reads_its_own_timers_and_every_event_of_every_definition
     types = Definitions.load(EXAMPLE).event_types()
     assert TIMER_FIRED in types
     assert {"PaymentCaptured", "ShipmentCancelled", "NotificationFailed"} <= types
-    assert "RefundPayment" not in types
+    assert "RefundPayment" not in types  # commands are sent, not correlated
+    # the start event only means "payment started", which start() applies itself
+    assert "OrderSubmitted" not in types
+
+
+def test_a_start_type_another_definition_correlates_is_still_read() -> None:
+    second = ORDER_SAGA.model_copy(update={"name": "reorder", "start": "ReorderRequested"})
+    steps = list(second.steps)
+    steps[0] = steps[0].model_copy(update={"trigger": "ReorderRequested"})
+    watcher = WorkflowDefinition(
+        name="audit",
+        start="AuditOpened",
+        steps=(StepDefinition(name="log", participant="auditor", trigger="AuditOpened", completed="OrderSubmitted"),),
+    )
+    types = Definitions([ORDER_SAGA, second.model_copy(update={"steps": tuple(steps)}), watcher]).event_types()
+    assert "OrderSubmitted" in types  # it completes a step of "audit"
+    assert "ReorderRequested" not in types
 
 
 def test_unknown_names_and_versions_are_reported() -> None:
