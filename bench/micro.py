@@ -95,20 +95,6 @@ def measure(min_s: float = 0.2) -> list[tuple[str, str, float, int]]:
         ORDER_SAGA, workflow_id, payload, now, request_hash=request_hash("order", payload)), 1)  # fmt: skip
     add("controller", "start: build commit + encode spec", lambda: orjson.dumps(store.commit(None, started).spec), 1)
 
-    # the correlator also reads back the start event it published, and decides it
-    # again before the commit script finds it a duplicate
-    start_event = started.outgoing[0]
-    start_fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encode(start_event).items()}
-    start_entry = Entry(naming.message_stream(partition, start_event.type), "1-0", start_fields)
-    start_stored = started.instance.model_dump_json()
-
-    def read_back() -> None:
-        _decode_event(start_fields)
-        loaded = Instance.model_validate_json(start_stored)
-        _commit(store, loaded, state_machine.transition(ORDER_SAGA, loaded, start_event, now), start_entry)
-
-    add("controller", "read-back of its own start event (a dup)", read_back, 1)
-
     # the chain of events, each decided against the instance the previous one left
     instance = started.instance
     cause = started.outgoing[0]
@@ -168,9 +154,7 @@ def report(rows: list[tuple[str, str, float, int]]) -> str:
         totals[process] = totals.get(process, Decimal(0)) + Decimal(us * calls)
     lines.append("")
     for process, total in totals.items():
-        scope = (
-            "one order: HTTP + start + read-back + 4 events" if process == "controller" else "all four workers together"
-        )
+        scope = "one order: HTTP + start + 4 events" if process == "controller" else "all four workers together"
         lines.append(f"{process} Python per workflow ({scope}), without I/O: {total:.0f} µs")
     return "\n".join(lines)
 

@@ -7,8 +7,9 @@ proposed optimisation before anyone writes it for real.
 Variants (several may be joined with ``+``):
 
 ``no-readback``
-    The correlator does not subscribe to the start event of each definition
-    (``OrderSubmitted``).  ``state_machine.start`` has already applied it, so
+    (Landed as commit ``ae7511e``; a no-op from there on, kept to compare older
+    commits.)  The correlator does not subscribe to the start event of each
+    definition (``OrderSubmitted``).  ``state_machine.start`` has already applied it, so
     reading it back only decides it again for the commit script to drop as a
     duplicate — and, when it shares a batch with the workflow's next events,
     the duplicate leaves the chained instance one version ahead, so those

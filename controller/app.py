@@ -109,7 +109,12 @@ async def _correlator(app: web.Application) -> AsyncIterator[None]:
 async def _retention(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     retention = Retention(
-        app[api.REDIS], settings.partitions, settings.retention_s, interval_s=settings.retention_interval_s
+        app[api.REDIS],
+        app[api.DEFINITIONS],
+        settings.partitions,
+        settings.retention_s,
+        interval_s=settings.retention_interval_s,
+        min_age_s=settings.stream_min_age_s,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(retention.run(stop), name="retention")

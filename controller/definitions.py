@@ -71,5 +71,16 @@ class Definitions:
                     needed.add(message_type)
         return needed
 
+    def participant_types(self) -> dict[str, set[str]]:
+        """participant -> the message types the definitions expect it to read."""
+        reads: dict[str, set[str]] = {}
+        for definition in self._by_version.values():
+            for step in definition.steps:
+                wanted = reads.setdefault(step.participant, set())
+                wanted.add(step.command if step.orchestrated and step.command else step.trigger)
+                if step.compensation:
+                    wanted.add(step.compensation.command)
+        return reads
+
     def all_types(self) -> set[str]:
         return {t for d in self._by_version.values() for t in d.message_types() | d.command_types()}

@@ -1,10 +1,13 @@
-"""Retention: message streams are trimmed without dropping anything a group still needs,
-and the status indexes forget workflows whose data has expired.
+"""Retention: message streams are trimmed without dropping anything a consumer still
+needs, and the status indexes forget workflows whose data has expired.
 
-A stream entry may go once every consumer group on the stream has been delivered it
-and has acknowledged it: the trim point is, over all groups, the lowest of each
-group's oldest pending entry and the entry after its last-delivered id.  A stream
-no group reads is capped by length instead (``MAXLEN ~``).
+An entry may go once every consumer group on its stream has been delivered it and
+has acknowledged it — and it is older than ``min_age_s``, which leaves consumers that
+no definition declares (a participant reacting to events by choreography alone) time
+to create their group.  The participants the definitions do name get their groups
+created up front, so a worker deployed after the first orders still finds its backlog.
+The streams come from the definitions and the live participants' heartbeats; no
+keyspace scan.
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ import logging
 import time
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from contracts import naming
+from contracts.messages import TIMER_FIRED
+from controller.definitions import Definitions
 from controller.instance import TERMINAL
 
 log = logging.getLogger(__name__)
 
-UNREAD_STREAM_MAXLEN = 100_000
+DEFAULT_MIN_AGE_S = 3_600
 
 
 def _parse(entry_id: str) -> tuple[int, int]:
@@ -35,12 +41,10 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def trim_point(groups: list[dict[str, Any]], oldest_pending: dict[str, str | None]) -> str | None:
-    """The lowest id any group still needs (entries below it may be trimmed), or
-    None when no group reads the stream."""
-    if not groups:
-        return None
-    needed: list[tuple[int, int]] = []
+def trim_point(groups: list[dict[str, Any]], oldest_pending: dict[str, str | None], floor_ms: int) -> str:
+    """The lowest id still needed: no group's oldest pending entry or next undelivered
+    entry, and nothing written after ``floor_ms``, lies below it."""
+    needed: list[tuple[int, int]] = [(floor_ms, 0)]
     for group in groups:
         name = _text(group["name"])
         pending = oldest_pending.get(name)
@@ -53,28 +57,53 @@ def trim_point(groups: list[dict[str, Any]], oldest_pending: dict[str, str | Non
     return f"{ms}-{seq}"
 
 
-async def trim_streams(redis: Redis, partitions: int) -> int:
-    """Trim every message stream of every partition; returns how many entries went."""
-    streams: list[str] = []
-    for p in range(partitions):
-        async for key in redis.scan_iter(match=naming.message_stream_pattern(p), count=1000, _type="stream"):
-            streams.append(_text(key))
+async def ensure_declared_groups(redis: Redis, definitions: Definitions, partitions: int) -> None:
+    """Create, from the start of each stream, the group of every participant the
+    definitions name, on every stream it is expected to read."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for participant, types in sorted(definitions.participant_types().items()):
+            for message_type in sorted(types):
+                for p in range(partitions):
+                    stream = naming.message_stream(p, message_type)
+                    pipe.xgroup_create(stream, naming.participant_group(participant), id="0", mkstream=True)
+        results = await pipe.execute(raise_on_error=False)
+    for result in results:
+        if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
+            raise result
+
+
+async def known_types(redis: Redis, definitions: Definitions) -> set[str]:
+    """Every type the definitions name, the controller's timers, and every type a live
+    participant announces in its heartbeat."""
+    types = definitions.all_types() | {TIMER_FIRED}
+    for raw in (await redis.hgetall(naming.heartbeat_key())).values():
+        try:
+            beat = orjson.loads(raw)
+            types |= {str(sub["type"]) for sub in beat.get("subscriptions", [])}
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+            continue  # a malformed beat is the liveness survey's to report
+    return {t for t in types if naming.is_valid_name(t)}
+
+
+async def trim_streams(redis: Redis, streams: list[str], *, min_age_s: float = DEFAULT_MIN_AGE_S) -> int:
+    """Trim ``streams``; returns how many entries went."""
     if not streams:
         return 0
+    server_s, server_us = await redis.time()
+    floor_ms = int(server_s * 1000 + server_us // 1000 - min_age_s * 1000)
     async with redis.pipeline(transaction=False) as pipe:
         for stream in streams:
             pipe.xinfo_groups(stream)
         infos = await pipe.execute(raise_on_error=False)
+    asked: list[tuple[str, str]] = []
     async with redis.pipeline(transaction=False) as pipe:
-        asked: list[tuple[str, str]] = []
         for stream, groups in zip(streams, infos, strict=True):
             if isinstance(groups, Exception):
-                continue
+                continue  # no such stream
             for group in groups:
                 if int(group["pending"]):
-                    name = _text(group["name"])
-                    asked.append((stream, name))
-                    pipe.xpending(stream, name)
+                    asked.append((stream, _text(group["name"])))
+                    pipe.xpending(stream, _text(group["name"]))
         summaries = await pipe.execute(raise_on_error=False)
     oldest: dict[str, dict[str, str | None]] = {}
     for (stream, name), summary in zip(asked, summaries, strict=True):
@@ -82,15 +111,8 @@ async def trim_streams(redis: Redis, partitions: int) -> int:
             oldest.setdefault(stream, {})[name] = _text(summary["min"])
     async with redis.pipeline(transaction=False) as pipe:
         for stream, groups in zip(streams, infos, strict=True):
-            if isinstance(groups, Exception):
-                continue
-            point = trim_point(groups, oldest.get(stream, {}))
-            if point is None:
-                pipe.xtrim(stream, maxlen=UNREAD_STREAM_MAXLEN, approximate=True)
-            else:
-                # exact, not `~`: an approximate MINID may keep more, never less, but
-                # exact trimming makes the bound easy to reason about and to test
-                pipe.xtrim(stream, minid=point, approximate=False)
+            if not isinstance(groups, Exception):
+                pipe.xtrim(stream, minid=trim_point(groups, oldest.get(stream, {}), floor_ms), approximate=False)
         trimmed = await pipe.execute(raise_on_error=False)
     return sum(int(n) for n in trimmed if isinstance(n, int))
 
@@ -108,25 +130,48 @@ async def prune_status_indexes(redis: Redis, partitions: int, retention_s: int) 
 
 
 class Retention:
-    """Runs both every ``interval_s``; several controllers may run it at once."""
+    """Creates the declared groups at once, then trims and prunes every ``interval_s``
+    (the first pass one interval after start).  Several controllers may run it at once."""
 
-    def __init__(self, redis: Redis, partitions: int, retention_s: int, *, interval_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        definitions: Definitions,
+        partitions: int,
+        retention_s: int,
+        *,
+        interval_s: float = 30.0,
+        min_age_s: float = DEFAULT_MIN_AGE_S,
+    ) -> None:
         self.redis = redis
+        self.definitions = definitions
         self.partitions = partitions
         self.retention_s = retention_s
         self.interval_s = interval_s
+        self.min_age_s = min_age_s
         self.trimmed = 0
 
+    async def pass_once(self) -> None:
+        types = await known_types(self.redis, self.definitions)
+        streams = [naming.message_stream(p, t) for p in range(self.partitions) for t in sorted(types)]
+        self.trimmed += await trim_streams(self.redis, streams, min_age_s=self.min_age_s)
+        await prune_status_indexes(self.redis, self.partitions, self.retention_s)
+
     async def run(self, stop: asyncio.Event) -> None:
-        """A pass every ``interval_s``, the first one interval after start (a restarted
-        controller has nothing urgent to trim)."""
+        while not stop.is_set():
+            try:
+                await ensure_declared_groups(self.redis, self.definitions, self.partitions)
+                break
+            except RedisError as exc:
+                log.warning("cannot create the declared consumer groups yet: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval_s)
             if stop.is_set():
                 return
             try:
-                self.trimmed += await trim_streams(self.redis, self.partitions)
-                await prune_status_indexes(self.redis, self.partitions, self.retention_s)
+                await self.pass_once()
             except RedisError as exc:
                 log.warning("retention pass failed: %s", exc)

@@ -38,6 +38,8 @@ class ControllerSettings:
     """How often due timers are fired (deadline precision)."""
     retention_interval_s: float = 30.0
     """How often streams are trimmed and expired workflows leave the status indexes."""
+    stream_min_age_s: float = 3_600.0
+    """Stream entries younger than this are never trimmed, even once every group has them."""
     liveness_grace_s: float = 15.0
     """After start-up, wait this long for workers' heartbeats, then warn about every
     step no live worker subscribes to (three of the SDK's default heartbeat intervals)."""
