@@ -9,10 +9,17 @@
 --   zaddin = [[k, delay_ms, member]]   score = the server's clock (ms) + delay_ms
 --   expire = [[k, ttl]], ack = [[k, group, id]]
 --   xdel   = [[k, id]]             delete one stream entry (after the xadds)
+-- A value of hset, rpush or xadd may be {n}: the script argument ARGV[n] — large
+-- values (state JSON, envelopes) travel as plain arguments, not escaped in the spec.
 -- A duplicate still acks: its work was done by the commit that recorded it.
 -- Returns {'ok', '', id, ...} (the ids the xadds appended, in order; just {'ok'}
 -- when there were none) | {'dup', value?} | {'conflict', current_version}.
 local spec = cjson.decode(ARGV[1])
+
+local function val(x)
+  if type(x) == 'table' then return ARGV[x[1]] end
+  return x
+end
 
 local function ack()
   for _, a in ipairs(spec.ack or {}) do
@@ -42,18 +49,18 @@ end
 
 for _, h in ipairs(spec.hset or {}) do
   local args = {}
-  for i = 2, #h do args[#args + 1] = h[i] end
+  for i = 2, #h do args[#args + 1] = val(h[i]) end
   redis.call('HSET', KEYS[h[1]], unpack(args))
 end
 for _, r in ipairs(spec.rpush or {}) do
   local args = {}
-  for i = 2, #r do args[#args + 1] = r[i] end
+  for i = 2, #r do args[#args + 1] = val(r[i]) end
   redis.call('RPUSH', KEYS[r[1]], unpack(args))
 end
 local added = {}
 for _, x in ipairs(spec.xadd or {}) do
   local args = {}
-  for i = 3, #x do args[#args + 1] = x[i] end
+  for i = 3, #x do args[#args + 1] = val(x[i]) end
   if x[2] ~= '' then
     added[#added + 1] = redis.call('XADD', KEYS[x[1]], 'MAXLEN', '~', x[2], '*', unpack(args))
   else

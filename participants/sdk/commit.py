@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 _SOURCE = resources.files(__package__).joinpath("commit.lua").read_text()
+_INLINE_MAX = 64
 
 
 class Outcome(StrEnum):
@@ -45,7 +46,17 @@ class Commit:
 
     keys: list[str] = field(default_factory=list)
     spec: dict[str, Any] = field(default_factory=dict)
+    args: list[str | bytes] = field(default_factory=list)
+    """Large values, passed as script arguments after the spec (ARGV[2:])."""
     _index: dict[str, int] = field(default_factory=dict)
+
+    def _v(self, value: str | bytes) -> str | list[int]:
+        """A value for the spec: short ones inline, long ones as a reference to a
+        script argument, so Redis need not decode them out of the spec's JSON."""
+        if len(value) <= _INLINE_MAX and isinstance(value, str):
+            return value
+        self.args.append(value)
+        return [len(self.args) + 1]  # ARGV[1] is the spec
 
     def _k(self, key: str) -> int:
         index = self._index.get(key)
@@ -76,17 +87,14 @@ class Commit:
         return self
 
     def hset(self, key: str, mapping: dict[str, str]) -> Commit:
-        flat = [item for pair in mapping.items() for item in pair]
+        flat = [item for name, value in mapping.items() for item in (name, self._v(value))]
         return self._add("hset", self._k(key), *flat)
 
     def rpush(self, key: str, *values: str) -> Commit:
-        return self._add("rpush", self._k(key), *values)
+        return self._add("rpush", self._k(key), *(self._v(value) for value in values))
 
     def xadd(self, key: str, fields: dict[str, str | bytes], maxlen: int | None = None) -> Commit:
-        flat: list[str] = []
-        for name, value in fields.items():
-            flat.append(name)
-            flat.append(value.decode() if isinstance(value, bytes) else value)
+        flat = [item for name, value in fields.items() for item in (name, self._v(value))]
         return self._add("xadd", self._k(key), str(maxlen or ""), *flat)
 
     def zadd(self, key: str, score: float, member: str) -> Commit:
@@ -158,7 +166,7 @@ class CommitScript:
 
     async def run(self, redis: Redis, commits: list[Commit]) -> list[CommitResult]:
         """Apply ``commits`` in order in one round trip; each is atomic on its own."""
-        raw = await self._script.call_many(redis, [(c.keys, [orjson.dumps(c.spec)]) for c in commits])
+        raw = await self._script.call_many(redis, [(c.keys, [orjson.dumps(c.spec), *c.args]) for c in commits])
         return [_result(r) for r in raw]
 
 
