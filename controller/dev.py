@@ -28,6 +28,7 @@ import aiohttp
 
 from controller.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from controller.instance import TERMINAL, WorkflowStatus
+from participants.workers import WORKER_NAMES
 
 POLL_S = 0.1
 STOP_GRACE_S = 10.0
@@ -221,6 +222,25 @@ async def _wait_ready(session: aiohttp.ClientSession, children: Children, stop: 
     return False
 
 
+async def _wait_workers(session: aiohttp.ClientSession, children: Children, stop: asyncio.Event) -> bool:
+    """Wait until every example worker heartbeats (``GET /v1/participants``)."""
+    while not stop.is_set():
+        if dead := children.exited():
+            for child in dead:
+                say(f"dev: {child.name} exited with {child.process.returncode}; last lines of {child.log_path}:")
+                say(child.tail())
+            return False
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.get("/v1/participants") as response:
+                if response.status == 200:
+                    body = await response.json()
+                    live = {p["name"] for p in body["participants"] if p["live"]}
+                    if live >= set(WORKER_NAMES):
+                        return True
+        await _pause(stop, POLL_S)
+    return False
+
+
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
@@ -272,8 +292,6 @@ async def _print_ledger(redis_url: str) -> None:
 
 async def _session(options: DevOptions, redis_url: str, children: Children, stop: asyncio.Event) -> bool:
     """Start the processes, run the samples; whether every sample ended as expected."""
-    from participants.workers import WORKER_NAMES
-
     common = ("--redis-url", redis_url, "--partitions", str(options.partitions))
     children.spawn("controller", "controller", *common, "--port", str(options.port))
     for name in WORKER_NAMES:
@@ -293,9 +311,18 @@ async def _session(options: DevOptions, redis_url: str, children: Children, stop
         except TimeoutError:
             say(f"dev: the API was not ready within {options.timeout_s:.0f}s; see {children.log_dir}")
             ready = False
+        if ready:
+            say(f"dev: API ready at {api}")
+            # samples have deadlines: send none before every worker is serving
+            try:
+                async with asyncio.timeout(options.timeout_s):
+                    ready = await _wait_workers(session, children, stop)
+            except TimeoutError:
+                say(f"dev: the workers were not all live within {options.timeout_s:.0f}s; see {children.log_dir}")
+                ready = False
         if not ready:
             return False
-        say(f"dev: API ready at {api}")
+        say(f"dev: workers live: {', '.join(WORKER_NAMES)}")
         started: dict[str, Sample] = {}
         for sample in samples():
             workflow_id = await _submit(session, sample)
