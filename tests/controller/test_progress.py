@@ -29,6 +29,8 @@ from tests.controller.test_api import GREETING, Api, P
 READ_TIMEOUT_S = 15.0  # a guard against a hung test, not a wait for anything
 NO_TIMEOUT = ClientTimeout(total=None, sock_read=None)
 
+LET_THE_RUN_ADVANCE = 0  # one turn of the event loop between connections
+
 
 # --- a client of event streams ------------------------------------------------------
 
@@ -421,7 +423,7 @@ async def test_lines_committed_while_a_client_connects_come_once_each_in_order(c
         streams = []
         for _ in range(4):  # connecting at different moments of the same run
             streams.append(await controller.stream(f"/v1/workflows/{workflow_id}/events"))
-            await asyncio.sleep(0)
+            await asyncio.sleep(LET_THE_RUN_ADVANCE)
         await driving
         for stream in streams:
             events = await stream.rest()

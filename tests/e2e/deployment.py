@@ -26,6 +26,8 @@ PARTITIONS = 4
 NO_NOTIFY_CUSTOMER = "no-notify"
 TERMINAL = ("completed", "compensated", "failed")
 SHIPPING_TIMEOUT_S = 1.5
+POLL_S = 0.05  # polling interval of every wait below, each bounded by a deadline
+FREEZE_POLL_S = 0.001  # catching a process while it holds entries needs a tight poll
 
 
 class Deployment:
@@ -118,7 +120,7 @@ class Deployment:
                     self.kill(name)
                     return held
                 process.send_signal(signal.SIGCONT)
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(FREEZE_POLL_S)
         raise AssertionError(f"{name} never held an unacknowledged entry")
 
     @staticmethod
@@ -169,7 +171,7 @@ class Deployment:
                         return
             except aiohttp.ClientError:
                 pass
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(POLL_S)
         raise AssertionError(f"controller not ready after {timeout}s\n{self.logs()}")
 
     async def submit(
@@ -215,7 +217,7 @@ class Deployment:
             if time.monotonic() > deadline:
                 missing = [w for w in workflow_ids if w not in done]
                 raise AssertionError(f"{len(missing)} workflows not finished, e.g. {missing[:3]}\n{self.logs()}")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(POLL_S)
 
 
 def order(

@@ -28,6 +28,9 @@ from tests.participants.helpers import (
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
+SLOW_WORK_S = 1.0  # a handler that runs longer than a peer's claim time
+WORK_S = 0.05  # a handler's work, long enough for handlers to overlap
+
 
 def echo(calls: list[Message]) -> Participant:
     """Answers every Ping with a Pong; also subscribes to OrderSubmitted (a type with a schema)."""
@@ -137,7 +140,7 @@ async def test_a_slow_handler_keeps_its_entry_from_live_peers(redis: Redis, redi
     @slow.on("Ping")
     async def ping(msg: Message) -> Reply:
         calls.append(msg)
-        await asyncio.sleep(1.0)  # the work: three times the peers' claim time
+        await asyncio.sleep(SLOW_WORK_S)  # the work: three times the peers' claim time
         return Reply("Pong")
 
     async with (
@@ -303,7 +306,7 @@ async def test_no_more_handlers_run_at_once_than_the_concurrency(redis: Redis, r
         nonlocal running_now, most
         running_now += 1
         most = max(most, running_now)
-        await asyncio.sleep(0.05)  # the work
+        await asyncio.sleep(WORK_S)  # the work
         running_now -= 1
         return Reply("Pong")
 
