@@ -182,6 +182,9 @@ class CompensationCommand(Wire):
     step: str
     reason: str
     completed: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(
+        default=None, description="the same on every attempt of one compensation: dedupe the undo on it"
+    )
 
 
 class Compensated(Wire):

@@ -424,6 +424,8 @@ class _Decider:
             "step": step.name,
             "reason": self.instance.error or "compensating",
             "completed": step.result or {},
+            # the same for every attempt: a participant may dedupe the undo on it
+            "idempotency_key": f"{self.instance.id}/{step.name}/compensation",
         }
         self.send(definition.compensation.command, payload, step=step.name, attempt=step.attempts)
         self.set_timer(f"comp:{step.name}", definition.compensation.timeout_s, step)

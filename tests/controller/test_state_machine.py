@@ -176,6 +176,7 @@ def test_compensation_command_carries_what_the_step_completed_with() -> None:
         "step": "payment",
         "reason": "inventory failed: none left",
         "completed": {"payment_id": "p-9", "amount": "5.00"},
+        "idempotency_key": "wf-1/payment/compensation",
     }
 
 
@@ -277,6 +278,7 @@ def test_a_compensation_without_answer_is_resent_after_a_backoff() -> None:
     first, second = saga.outgoing[-2:]
     assert (first.attempt, second.attempt) == (1, 2)
     assert first.message_id != second.message_id
+    assert first.payload["idempotency_key"] == second.payload["idempotency_key"]
     saga.event("PaymentRefunded")
     assert saga.status() is WorkflowStatus.COMPENSATED
     assert saga.instance.timers == {}
