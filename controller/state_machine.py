@@ -153,6 +153,9 @@ class _Decider:
         roles = self.definition.roles.get(cause.type, [])
         # attribute the line to the step the message ends, else to the step it starts
         main_step = next((name for name, role in roles if role is not Role.TRIGGER), roles[0][0] if roles else None)
+        if cause.type == TIMER_FIRED:  # a deadline belongs to the step it names (none for the SLA)
+            named = str(cause.payload.get("timer", "")).partition(":")[2]
+            main_step = named if named in self.definition.step_map else None
         self.record(cause, "in", step=main_step)
         if cause.type == TIMER_FIRED:
             notes = [self.timer_fired()]

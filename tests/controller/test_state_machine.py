@@ -400,6 +400,8 @@ def test_a_step_that_times_out_compensates_and_its_late_success_is_undone() -> N
     saga.fire("step:shipping")
     assert saga.steps()["shipping"] is StepStatus.TIMED_OUT
     assert saga.instance.error == "shipping timed out after 60s"
+    fired = next(h for h in saga.history if h.type == TIMER_FIRED)
+    assert (fired.step, fired.step_status, fired.detail) == ("shipping", "timed_out", "shipping timed out after 60s")
     assert saga.sent[-1] == "ReleaseInventory"
     saga.event("InventoryReleased")
     saga.event("PaymentRefunded")
