@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -89,21 +90,33 @@ async def _correlator(app: web.Application) -> AsyncIterator[None]:
         policy=RetryPolicy(max_deliveries=settings.max_deliveries, claim_idle_ms=settings.claim_idle_ms),
         metrics=app[metrics.METRICS],
     )
+    ready = app[api.CORRELATOR_READY]
+    try:
+        # a blocked read returns within block_ms; give it that and a margin
+        async with _running("correlator", lambda stop: _run_correlator(correlator, stop, ready), settings.block_ms):
+            yield
+    finally:
+        await reader.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    name: str, loop: Callable[[asyncio.Event], Coroutine[Any, Any, None]], block_ms: int = 0
+) -> AsyncIterator[None]:
+    """Run ``loop(stop)`` as a background task; on exit set ``stop`` and await it —
+    cancelling it only if it has not stopped within ``block_ms`` plus a grace period."""
     stop = asyncio.Event()
-    task = asyncio.create_task(_run_correlator(correlator, stop, app[api.CORRELATOR_READY]), name="correlator")
+    task = asyncio.create_task(loop(stop), name=name)
     try:
         yield
     finally:
         stop.set()
         try:
-            # a blocked read returns within block_ms; give it that and a margin
-            await asyncio.wait_for(asyncio.shield(task), settings.block_ms / 1000 + STOP_GRACE_S)
+            await asyncio.wait_for(asyncio.shield(task), block_ms / 1000 + STOP_GRACE_S)
         except TimeoutError:
-            log.warning("the correlator did not stop in time; cancelling it")
+            log.warning("%s did not stop in time; cancelling it", name)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        finally:
-            await reader.aclose()
 
 
 async def _retention(app: web.Application) -> AsyncIterator[None]:
@@ -116,25 +129,15 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
         interval_s=settings.retention_interval_s,
         min_age_s=settings.stream_min_age_s,
     )
-    stop = asyncio.Event()
-    task = asyncio.create_task(retention.run(stop), name="retention")
-    try:
+    async with _running("retention", retention.run):
         yield
-    finally:
-        stop.set()
-        await task
 
 
 async def _timers(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     poller = TimerPoller(app[api.REDIS], settings.partitions, interval_s=settings.timer_interval_s)
-    stop = asyncio.Event()
-    task = asyncio.create_task(poller.run(stop), name="timers")
-    try:
+    async with _running("timers", poller.run):
         yield
-    finally:
-        stop.set()
-        await task
 
 
 async def _liveness(app: web.Application) -> AsyncIterator[None]:
