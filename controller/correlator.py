@@ -155,13 +155,26 @@ class Correlator:
                 rejected += [(entry, str(exc), DeadLetterReason.UNKNOWN_DEFINITION) for entry, _ in messages]
                 continue
             current: Instance = instance
+            previous: str | None = None
             for index, (entry, envelope) in enumerate(messages):
-                with tracing.span(f"controller {envelope.type}", envelope.traceparent, {"correlation_id": workflow_id}):
-                    result = state_machine.transition(definition, current, envelope, now)
-                commits.append(self.store.commit(current, result, cause=entry))
+                try:
+                    with tracing.span(
+                        f"controller {envelope.type}", envelope.traceparent, {"correlation_id": workflow_id}
+                    ):
+                        result = state_machine.transition(definition, current, envelope, now)
+                except Exception as exc:
+                    # a bug or a definition changed under running workflows: this workflow's
+                    # messages go to the dead letters with the error; the rest of the batch lands
+                    log.exception("cannot apply %s", envelope.type, extra={"correlation_id": workflow_id})
+                    reason = f"the controller failed to apply it: {type(exc).__name__}: {exc}"
+                    rejected += [(e, reason, DeadLetterReason.REJECTED) for e, _ in messages[index:]]
+                    break
+                # a commit chained on the one before lands only if that one did
+                commits.append(self.store.commit(current, result, cause=entry, after=previous))
                 owners.append((workflow_id, index))
                 decided.append((current, result, envelope))
                 current = result.instance
+                previous = envelope.message_id
         results = await self.store.script.run(self.store.redis, commits)
         retry: dict[str, list[tuple[Entry, Envelope]]] = {}
         for (workflow_id, index), (before, result, envelope), outcome in zip(owners, decided, results, strict=True):

@@ -145,8 +145,19 @@ class WorkflowStore:
         if self.observer is not None:
             self.observer(before, result)
 
-    def commit(self, before: Instance | None, result: state_machine.Transition, cause: Entry | None = None) -> Commit:
-        """The atomic commit of one transition (and the ack of the entry that caused it)."""
+    def commit(
+        self,
+        before: Instance | None,
+        result: state_machine.Transition,
+        cause: Entry | None = None,
+        *,
+        after: str | None = None,
+    ) -> Commit:
+        """The atomic commit of one transition (and the ack of the entry that caused it).
+
+        ``after``: the message id of the transition this one was decided on top of in
+        the same pipeline; the commit lands only if that one did.
+        """
         instance = result.instance
         p = self.partition(instance.id)
         inst_key = naming.instance_key(p, instance.id)
@@ -156,6 +167,8 @@ class WorkflowStore:
         incoming = next((h for h in result.history if h.direction == "in"), None)
         dedupe_id = incoming.message_id if incoming else result.history[0].message_id
         commit.dedupe(seen, dedupe_id)
+        if after is not None:
+            commit.requires(seen, after)
         commit.hset(inst_key, {"v": str(instance.version), "s": instance.model_dump_json()})
         lines = [entry.model_dump_json() for entry in result.history]
         commit.rpush(hist, *lines)
@@ -176,6 +189,9 @@ class WorkflowStore:
         if instance.status in TERMINAL:
             for key in (inst_key, seen, hist):
                 commit.expire(key, self.retention_s)
+        elif before is not None and before.status in TERMINAL:
+            for key in (inst_key, seen, hist):  # reopened by a late completion: keep it
+                commit.persist(key)
         if cause is not None:
             commit.ack(cause.stream, naming.CONTROLLER_GROUP, cause.id)
         return commit

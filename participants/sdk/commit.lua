@@ -3,11 +3,12 @@
 -- references are 1-based indexes into KEYS:
 --   dedupe = [k, member, ttl]   skip the whole commit if member is in set k
 --   once   = [k, value, ttl]    skip the whole commit if k exists (returns its value)
+--   requires = [k, member]      member must already be in set k (an earlier commit applied)
 --   guard  = [k, expected]      hash field 'v' of k must equal expected (0 = absent)
 --   hset   = [[k, f1, v1, ...]], rpush = [[k, v, ...]], xadd = [[k, maxlen, f1, v1, ...]]
 --   zadd   = [[k, score, member]], zrem = [[k, member]], hincrby = [[k, field, n]]
 --   zaddin = [[k, delay_ms, member]]   score = the server's clock (ms) + delay_ms
---   expire = [[k, ttl]], ack = [[k, group, id]]
+--   expire = [[k, ttl]], persist = [[k]], ack = [[k, group, id]]
 --   xdel   = [[k, id]]             delete one stream entry (after the xadds)
 -- A value of hset, rpush or xadd may be {n}: the script argument ARGV[n] — large
 -- values (state JSON, envelopes) travel as plain arguments, not escaped in the spec.
@@ -38,6 +39,11 @@ if spec.once then
   if existing then
     ack()
     return {'dup', existing}
+  end
+end
+if spec.requires then
+  if redis.call('SISMEMBER', KEYS[spec.requires[1]], spec.requires[2]) == 0 then
+    return {'conflict', tostring(redis.call('HGET', KEYS[spec.guard and spec.guard[1] or spec.requires[1]], 'v') or '0')}
   end
 end
 if spec.guard then
@@ -99,6 +105,9 @@ if spec.once then
 end
 for _, e in ipairs(spec.expire or {}) do
   redis.call('EXPIRE', KEYS[e[1]], e[2])
+end
+for _, e in ipairs(spec.persist or {}) do
+  redis.call('PERSIST', KEYS[e[1]])
 end
 ack()
 if #added == 0 then return {'ok'} end

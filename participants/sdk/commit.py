@@ -81,6 +81,12 @@ class Commit:
         self.spec["once"] = [self._k(key), value, str(ttl or "")]
         return self
 
+    def requires(self, key: str, member: str) -> Commit:
+        """Conflict (write nothing) unless ``member`` is already in set ``key``: a commit
+        chained on an earlier one must not land when that one did not."""
+        self.spec["requires"] = [self._k(key), member]
+        return self
+
     def guard(self, key: str, expected_version: int) -> Commit:
         """Compare-and-set: hash field ``v`` of ``key`` must be ``expected_version`` (0 = no such hash)."""
         self.spec["guard"] = [self._k(key), str(expected_version)]
@@ -113,6 +119,10 @@ class Commit:
 
     def expire(self, key: str, ttl: int) -> Commit:
         return self._add("expire", self._k(key), str(ttl))
+
+    def persist(self, key: str) -> Commit:
+        """Remove a TTL set by an earlier commit."""
+        return self._add("persist", self._k(key))
 
     def ack(self, stream: str, group: str, entry_id: str) -> Commit:
         return self._add("ack", self._k(stream), group, entry_id)

@@ -12,10 +12,13 @@ from redis.asyncio import Redis
 from contracts import naming
 from contracts.definitions import ORDER_SAGA
 from contracts.envelope import Envelope, encode, utcnow
+from contracts.messages import CANCEL_REQUESTED
+from controller import state_machine
 from controller.correlator import Correlator
 from controller.definitions import Definitions
 from controller.instance import Instance, WorkflowStatus
 from controller.store import IdempotencyConflict, WorkflowStore
+from participants.sdk.commit import Outcome
 from participants.sdk.consumer import RetryPolicy
 from tests.conftest import eventually
 
@@ -267,3 +270,43 @@ async def test_idempotency_key_maps_to_one_workflow(store: WorkflowStore) -> Non
         await store.start(ORDER_SAGA, {"order": {**ORDER, "currency": "EUR"}}, utcnow(), idempotency_key="k")
     stream = naming.message_stream(store.partition(first.id), "OrderSubmitted")
     assert await store.redis.xlen(stream) == 1  # the start event was published once
+
+
+async def test_a_commit_chained_on_a_rejected_one_does_not_land(store: WorkflowStore) -> None:
+    """Two events of one workflow decided on a snapshot that a cancel then overtook:
+    the first commit fails its version check, and so must the second, chained on it —
+    even though its expected version happens to be the one the cancel produced."""
+    snapshot = await start_order(store)
+    cancelled = await store.request(ORDER_SAGA, snapshot.id, CANCEL_REQUESTED, {"by": "op"}, utcnow())
+    assert cancelled.version == snapshot.version + 1
+    first = state_machine.transition(ORDER_SAGA, snapshot, envelope(snapshot, "PaymentCaptured"), utcnow())
+    second_event = envelope(snapshot, "InventoryReserved")
+    second = state_machine.transition(ORDER_SAGA, first.instance, second_event, utcnow())
+    assert second.instance.version - 1 == cancelled.version  # the guard alone would let it through
+    outcomes = await store.script.run(
+        store.redis,
+        [
+            store.commit(snapshot, first),
+            store.commit(first.instance, second, after=f"{snapshot.id}-PaymentCaptured"),
+        ],
+    )
+    assert [o.outcome for o in outcomes] == [Outcome.CONFLICT, Outcome.CONFLICT]
+    now = await store.load(snapshot.id)
+    assert now is not None
+    assert (now.status, now.error) == (WorkflowStatus.COMPENSATING, "cancelled by op")
+
+
+async def test_a_finished_workflow_that_reopens_stops_expiring(store: WorkflowStore, running: Correlator) -> None:
+    instance = await start_order(store)
+    await emit(store, envelope(instance, "PaymentCaptured"))
+    await emit(store, envelope(instance, "InventoryUnavailable", {"reason": "short"}))
+    await eventually(lambda: store.load(instance.id), status_is(WorkflowStatus.COMPENSATING))
+    await emit(store, envelope(instance, "PaymentRefunded"))
+    await eventually(lambda: store.load(instance.id), status_is(WorkflowStatus.COMPENSATED))
+    key = naming.instance_key(store.partition(instance.id), instance.id)
+    assert await store.redis.ttl(key) > 0  # finished: kept for the retention time
+    await emit(store, envelope(instance, "InventoryReserved"))  # a late success reopens it
+    await eventually(lambda: store.load(instance.id), status_is(WorkflowStatus.COMPENSATING))
+    p = store.partition(instance.id)
+    for reopened in (key, naming.seen_key(p, instance.id), naming.history_key(p, instance.id)):
+        assert await store.redis.ttl(reopened) == -1
