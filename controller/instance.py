@@ -45,6 +45,9 @@ class StepState(BaseModel):
     deadline_at: datetime | None = Field(default=None, description="when the step (or its compensation) times out")
     attempts: int = Field(default=0, description="attempts of the command in flight (orchestrated or compensation)")
     retrying: bool = Field(default=False, description="waiting to send the next attempt")
+    command_id: str | None = Field(
+        default=None, description="message id of the compensation attempt in flight (older attempts' answers are stale)"
+    )
     compensation_started_at: datetime | None = None
     compensated_at: datetime | None = None
     result: dict[str, Any] | None = Field(default=None, description="payload of the event that completed the step")

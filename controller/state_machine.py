@@ -221,6 +221,9 @@ class _Decider:
         # Role.COMPENSATION_FAILED
         if step.retrying:
             return f"{step.name} is already waiting to retry; ignored"
+        cause = self.cause.causation_id
+        if cause and step.command_id and cause != step.command_id:
+            return f"a failure of an earlier attempt to compensate {step.name}; ignored"
         return self.compensation_attempt_failed(definition, step, str(payload.get("reason") or self.cause.type))
 
     def end_step(self, step: StepState, status: StepStatus) -> None:
@@ -310,12 +313,21 @@ class _Decider:
 
     def sla_breached(self) -> str | None:
         instance = self.instance
-        if instance.status is not WorkflowStatus.RUNNING:
+        if instance.status not in (WorkflowStatus.RUNNING, WorkflowStatus.COMPENSATING):
             return None
         instance.sla_breached = True
         deadline = (instance.sla_deadline_at or self.now).isoformat()
         sla_s = (instance.sla_deadline_at - instance.created_at).total_seconds() if instance.sla_deadline_at else 0.0
         self.send(SLA_BREACHED, {"sla_s": sla_s, "deadline_at": deadline}, step=None)
+        if instance.status is WorkflowStatus.COMPENSATING:
+            # compensation waits for running steps, bounded by their timeouts; a step
+            # without one would hold the workflow forever: the SLA gives them up
+            given_up = [s for s in instance.steps if s.status is StepStatus.RUNNING]
+            for step in given_up:
+                self.end_step(step, StepStatus.TIMED_OUT)
+                step.error = "given up when the SLA passed"
+            names = ", ".join(s.name for s in given_up) or "none"
+            return f"SLA of {sla_s:g}s breached while compensating; running steps given up: {names}"
         if self.definition.on_breach == "flag":
             return f"SLA of {sla_s:g}s breached; flagged, the workflow goes on"
         self.begin_compensation(f"SLA of {sla_s:g}s breached")
@@ -430,10 +442,11 @@ class _Decider:
             # the same for every attempt: a participant may dedupe the undo on it
             "idempotency_key": f"{self.instance.id}/{step.name}/compensation",
         }
-        self.send(definition.compensation.command, payload, step=step.name, attempt=step.attempts)
+        sent = self.send(definition.compensation.command, payload, step=step.name, attempt=step.attempts)
+        step.command_id = sent.message_id
         self.set_timer(f"comp:{step.name}", definition.compensation.timeout_s, step)
 
-    def send(self, message_type: str, payload: dict[str, Any], *, step: str | None, attempt: int = 1) -> None:
+    def send(self, message_type: str, payload: dict[str, Any], *, step: str | None, attempt: int = 1) -> Envelope:
         instance = self.instance
         message = Envelope(
             message_id=derived_message_id(self.cause.message_id, message_type, step or "", str(attempt)),
@@ -449,6 +462,7 @@ class _Decider:
         )
         self.result.outgoing.append(message)
         self.record(message, "out", step=step)
+        return message
 
     def record(self, message: Envelope, direction: str, *, step: str | None) -> None:
         instance = self.instance

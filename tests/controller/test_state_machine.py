@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from contracts.definitions import ORDER_SAGA, RetryPolicy, StepDefinition, WorkflowDefinition
+from contracts.definitions import (
+    ORDER_SAGA,
+    CompensationDefinition,
+    RetryPolicy,
+    StepDefinition,
+    WorkflowDefinition,
+)
 from contracts.envelope import Envelope
 from contracts.messages import CANCEL_REQUESTED, RETRY_REQUESTED, SLA_BREACHED, TIMER_FIRED
 from controller import state_machine
@@ -42,7 +48,11 @@ class Saga:
         self.counter = 0
 
     def event(
-        self, message_type: str, payload: dict[str, Any] | None = None, message_id: str | None = None
+        self,
+        message_type: str,
+        payload: dict[str, Any] | None = None,
+        message_id: str | None = None,
+        causation_id: str | None = None,
     ) -> Instance:
         self.counter += 1
         self.now += timedelta(seconds=1)
@@ -53,6 +63,7 @@ class Saga:
             workflow=self.instance.workflow,
             producer="test",
             occurred_at=self.now,
+            causation_id=causation_id,
             payload=payload or {},
         )
         before = self.instance.model_copy(deep=True)
@@ -525,3 +536,48 @@ def test_backoff_grows_exponentially_with_bounded_deterministic_jitter() -> None
         assert nominal * 0.8 <= delay <= nominal * 1.2
     assert delays == [policy.delay_s(n, "wf") for n in range(1, 7)]
     assert RetryPolicy(base_s=1, jitter=0).delay_s(3, "x") == 4
+
+
+def test_an_sla_passing_during_compensation_gives_up_a_step_that_has_no_timeout() -> None:
+    definition = WorkflowDefinition(
+        name="slow",
+        start="Go",
+        sla_s=60,
+        steps=(
+            StepDefinition(
+                name="a",
+                participant="pa",
+                trigger="Go",
+                completed="ADone",
+                compensation=CompensationDefinition(command="UndoA", completed="AUndone"),
+            ),
+            StepDefinition(name="b", participant="pb", trigger="ADone", completed="BDone"),  # no timeout
+        ),
+    )
+    saga = Saga(definition, {})
+    saga.event("ADone")
+    saga.event(CANCEL_REQUESTED, {"by": "op"})
+    saga.event("AUndone")
+    assert saga.status() is WorkflowStatus.COMPENSATING  # waiting for b, which has no deadline
+    assert set(saga.instance.timers) == {"sla"}
+    saga.fire("sla")
+    assert saga.steps() == {"a": "compensated", "b": "timed_out"}
+    assert saga.status() is WorkflowStatus.COMPENSATED
+    fired = next(h for h in saga.history if h.type == TIMER_FIRED)
+    assert fired.detail == "SLA of 60s breached while compensating; running steps given up: b"
+
+
+def test_a_late_failure_of_an_earlier_compensation_attempt_is_ignored() -> None:
+    saga = Saga()
+    saga.event("PaymentCaptured")
+    saga.event("InventoryUnavailable", {"reason": "short"})
+    first_attempt = saga.outgoing[-1].message_id
+    saga.fire("comp:payment")  # attempt 1 unanswered: back off
+    saga.fire("comp:payment")  # attempt 2 goes out
+    assert saga.instance.step("payment").attempts == 2
+    saga.event("RefundFailed", {"reason": "timeout at the bank"}, causation_id=first_attempt)
+    assert saga.history[-1].detail == "a failure of an earlier attempt to compensate payment; ignored"
+    assert not saga.instance.step("payment").retrying
+    second_attempt = saga.outgoing[-1].message_id
+    saga.event("RefundFailed", {"reason": "card expired"}, causation_id=second_attempt)
+    assert saga.instance.step("payment").retrying  # the current attempt's failure counts
