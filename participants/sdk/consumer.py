@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,11 +159,13 @@ class GroupReader:
             for entry_id, fields in entries
         ]
 
-    async def pending(self) -> tuple[list[Entry], list[Entry]]:
+    async def pending(self, exclude: Collection[tuple[str, str]] = ()) -> tuple[list[Entry], list[Entry]]:
         """(entries due for another try, entries that have failed too often).
 
         Both are claimed by this consumer; the caller processes the first and
-        dead-letters the second.
+        dead-letters the second.  ``exclude`` lists (stream, entry id) the caller
+        still holds (in flight, or deferred): they are neither claimed nor counted
+        as a delivery.
         """
         floor = min(self.policy.base_ms, self.policy.claim_idle_ms)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -175,10 +177,13 @@ class GroupReader:
             if isinstance(rows, Exception):
                 continue
             for row in rows:
+                entry_id = _text(row["message_id"])
                 own = _text(row["consumer"]) == self.consumer
+                if own and (stream, entry_id) in exclude:
+                    continue
                 deliveries = int(row["times_delivered"])
                 if self.policy.due(deliveries, int(row["time_since_delivered"]), own):
-                    due.setdefault(stream, []).append((_text(row["message_id"]), deliveries))
+                    due.setdefault(stream, []).append((entry_id, deliveries))
         if not due:
             return [], []
         retry: list[Entry] = []

@@ -575,10 +575,7 @@ class Runner:
         await self._hold_and_release()
         if stop.is_set():
             return
-        retry, exhausted = await self.reader.pending()
-        busy = self._in_flight.union(self._not_before)
-        retry = [entry for entry in retry if (entry.stream, entry.id) not in busy]
-        exhausted = [entry for entry in exhausted if (entry.stream, entry.id) not in busy]
+        retry, exhausted = await self.reader.pending(exclude=self._in_flight.union(self._not_before))
         if exhausted:
             commits = []
             for entry in exhausted:
@@ -613,9 +610,13 @@ class Runner:
         if not hold and not release:
             return
         consumer = self.settings.consumer
+        # Refresh only what is near a peer's takeover (idle for all but two refresh
+        # intervals of the claim time): an entry a live peer has just claimed is idle
+        # for less, and is left to that peer instead of being taken back.
+        near_takeover_ms = max(0, self.settings.claim_idle_ms - int(2_000 * self.settings.pending_interval_s))
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, ids in hold.items():
-                pipe.xclaim(stream, self.group, consumer, 0, ids, justid=True)
+                pipe.xclaim(stream, self.group, consumer, near_takeover_ms, ids, justid=True)
             for stream, ids in release.items():
                 pipe.xclaim(stream, self.group, consumer, 0, ids, idle=self.policy.max_ms, justid=True)
             results = await pipe.execute(raise_on_error=False)

@@ -1,0 +1,36 @@
+"""GroupReader.pending(): what it hands back for another try, and what it leaves alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+
+from contracts import naming
+from participants.sdk.consumer import GroupReader, RetryPolicy
+from tests.conftest import eventually
+
+STREAM = naming.message_stream(0, "Ping")
+POLICY = RetryPolicy(max_deliveries=5, base_ms=10, max_ms=10, claim_idle_ms=60_000)
+
+
+async def deliveries(redis: Redis, entry_id: str) -> int:
+    rows: Any = await redis.xpending_range(STREAM, "g", entry_id, entry_id, 1)
+    return int(rows[0]["times_delivered"])
+
+
+async def test_entries_the_caller_still_holds_are_not_claimed_or_counted(redis: Redis) -> None:
+    reader = GroupReader(redis, "g", "me", [STREAM], policy=POLICY)
+    await reader.ensure_groups()
+    held: Any = await redis.xadd(STREAM, {"n": "1"})
+    failed: Any = await redis.xadd(STREAM, {"n": "2"})
+    held_id, failed_id = held.decode(), failed.decode()
+    assert len(await reader.read(block_ms=100)) == 2
+    # both are past this consumer's own backoff; only the one it does not hold is due
+    retry, exhausted = await eventually(
+        lambda: reader.pending(exclude={(STREAM, held_id)}), lambda found: bool(found[0])
+    )
+    assert [entry.id for entry in retry] == [failed_id]
+    assert exhausted == []
+    assert await deliveries(redis, held_id) == 1
+    assert await deliveries(redis, failed_id) == 2
