@@ -774,6 +774,7 @@ def _dev(args: argparse.Namespace) -> int:
         exit_when_done=args.exit_when_done,
         timeout_s=args.timeout,
         log_level=args.log_level,
+        log_format=args.log_format,
     )
     return asyncio.run(run_dev(options))
 

@@ -53,6 +53,7 @@ class DevOptions:
     exit_when_done: bool
     timeout_s: float
     log_level: str
+    log_format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class Children:
 
     log_dir: Path
     log_level: str
+    log_format: str = "text"
     running: list[Child] = field(default_factory=list)
 
     def spawn(self, name: str, *args: str) -> Child:
@@ -135,7 +137,7 @@ class Children:
         log_path = self.log_dir / f"{name}.log"
         log_file = log_path.open("ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "controller", "--log-level", self.log_level, *args],
+            [sys.executable, "-m", "controller", "--log-level", self.log_level, "--log-format", self.log_format, *args],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -353,7 +355,7 @@ async def run_dev(options: DevOptions) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    children = Children(options.data_dir / "logs", options.log_level)
+    children = Children(options.data_dir / "logs", options.log_level, options.log_format)
     all_ok = False
     try:
         with _redis(options) as redis_url:

@@ -138,6 +138,10 @@ class WorkflowStore:
             if outcome.outcome is Outcome.OK:
                 self.committed(instance, result)
                 return result.instance
+            if outcome.outcome is Outcome.DUPLICATE:
+                # this request's own fresh message id was already recorded: the client
+                # retried the script after losing its reply, and the first run landed
+                return await self.load(workflow_id) or result.instance
         raise RuntimeError(f"workflow {workflow_id} kept changing; try again")
 
     def committed(self, before: Instance | None, result: state_machine.Transition) -> None:

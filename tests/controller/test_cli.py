@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -268,7 +269,9 @@ def _outcomes(output: str) -> dict[str, str]:
 
 @pytest.mark.e2e
 async def test_dev_runs_every_sample_to_its_expected_outcome_and_leaves_nothing_running(tmp_path: Path) -> None:
-    run = await cli("dev", "--exit-when-done", "--port", str(free_port()), "--timeout", "60", cwd=tmp_path)
+    run = await cli(
+        "--log-format", "json", "dev", "--exit-when-done", "--port", str(free_port()), "--timeout", "60", cwd=tmp_path
+    )  # fmt: skip
 
     assert run.returncode == 0, run.stdout + run.stderr
     assert _outcomes(run.stdout) == DEV_OUTCOMES
@@ -281,6 +284,9 @@ async def test_dev_runs_every_sample_to_its_expected_outcome_and_leaves_nothing_
     assert {p.name for p in (tmp_path / ".streamsaga" / "logs").iterdir()} == {
         f"{name}.log" for name in ("controller", "payment", "inventory", "shipping", "notification")
     }
+    # the children log in the format dev was given
+    first_line = (tmp_path / ".streamsaga" / "logs" / "payment.log").read_text().splitlines()[0]
+    assert json.loads(first_line)["logger"].startswith("participants")
 
 
 @pytest.mark.e2e
