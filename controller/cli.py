@@ -139,6 +139,13 @@ def _controller(args: argparse.Namespace) -> int:
             definitions_path=args.definitions,
             claim_idle_ms=args.claim_idle_ms,
             max_deliveries=args.max_deliveries,
+            timer_interval_s=args.timer_interval_s,
+            retention_interval_s=args.retention_interval_s,
+            stream_min_age_s=args.stream_min_age_s,
+            liveness_grace_s=args.liveness_grace_s,
+            liveness_forget_s=args.liveness_forget_s,
+            sse_keepalive_s=args.sse_keepalive_s,
+            sse_buffer_events=args.sse_buffer_events,
             **({"consumer": args.consumer} if args.consumer else {}),
         )
     except ValueError as exc:
@@ -193,6 +200,26 @@ def _controller_parser(sub: Any) -> None:
         type=_positive,
         default=d.max_deliveries,
         help="dead-letter an entry after this many deliveries (default: %(default)s)",
+    )
+    tuning = [
+        ("--timer-interval-s", "timer_interval_s", "how often due deadlines are fired, s"),
+        ("--retention-interval-s", "retention_interval_s", "how often streams are trimmed, s"),
+        ("--stream-min-age-s", "stream_min_age_s", "never trim stream entries younger than this, s"),
+        (
+            "--liveness-grace-s",
+            "liveness_grace_s",
+            "wait this long for workers before warning about uncovered steps, s",
+        ),
+        ("--liveness-forget-s", "liveness_forget_s", "forget a dead worker's heartbeat after this long, s"),
+        ("--sse-keepalive-s", "sse_keepalive_s", "keep-alive comment on an idle SSE stream after this long, s"),
+    ]
+    for flag, name, meaning in tuning:
+        p.add_argument(flag, type=_seconds, default=getattr(d, name), help=f"{meaning} (default: %(default)s)")
+    p.add_argument(
+        "--sse-buffer-events",
+        type=_positive,
+        default=d.sse_buffer_events,
+        help="events an SSE client may fall behind before it is cut off (default: %(default)s)",
     )
     p.set_defaults(run=_controller)
 

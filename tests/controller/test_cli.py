@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from contracts.schema import file_name, schemas
 from controller.app import create_app
-from controller.cli import WORKER_DEFAULTS, main
+from controller.cli import WORKER_DEFAULTS, build_parser, main
 from controller.embedded_redis import free_port
 from controller.settings import REDIS_URL_ENV, ControllerSettings
 from controller.store import WorkflowStore
@@ -214,6 +214,19 @@ async def test_controller_refuses_invalid_definitions_naming_the_problem(tmp_pat
     assert run.returncode == 2
     assert "invalid workflow definitions" in run.stderr
     assert "0.steps" in run.stderr
+
+
+async def test_controller_tuning_flags_reach_its_settings(tmp_path: Path) -> None:
+    run = await cli(
+        "controller", "--timer-interval-s", "2", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"
+    )  # fmt: skip
+
+    assert run.returncode == 2
+    assert "timer_interval_s must be within (0, 1], not 2.0" in run.stderr
+    args = build_parser().parse_args(
+        ["controller", "--stream-min-age-s", "60", "--sse-buffer-events", "50", "--liveness-grace-s", "0"]
+    )
+    assert (args.stream_min_age_s, args.sse_buffer_events, args.liveness_grace_s) == (60.0, 50, 0.0)
 
 
 async def test_ledger_of_an_empty_redis_balances(redis: Redis, redis_url: str) -> None:
