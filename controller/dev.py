@@ -209,7 +209,15 @@ def _changes(before: dict[str, Any] | None, after: dict[str, Any]) -> Iterator[s
         yield f"{'workflow':<13} {after['status']}{error}"
 
 
-async def _wait_ready(session: aiohttp.ClientSession, children: Children, stop: asyncio.Event) -> bool:
+async def _wait_for(
+    session: aiohttp.ClientSession,
+    children: Children,
+    stop: asyncio.Event,
+    path: str,
+    ready: Callable[[Any], bool] = lambda _: True,
+) -> bool:
+    """Poll ``GET path`` until it answers 200 with a body ``ready`` accepts; False if a
+    child exits (its last log lines are shown) or ``stop`` is set first."""
     while not stop.is_set():
         if dead := children.exited():
             for child in dead:
@@ -217,30 +225,16 @@ async def _wait_ready(session: aiohttp.ClientSession, children: Children, stop: 
                 say(child.tail())
             return False
         with contextlib.suppress(aiohttp.ClientError):
-            async with session.get("/readyz") as response:
-                if response.status == 200:
+            async with session.get(path) as response:
+                if response.status == 200 and ready(await response.json(content_type=None)):
                     return True
         await _pause(stop, POLL_S)
     return False
 
 
-async def _wait_workers(session: aiohttp.ClientSession, children: Children, stop: asyncio.Event) -> bool:
-    """Wait until every example worker heartbeats (``GET /v1/participants``)."""
-    while not stop.is_set():
-        if dead := children.exited():
-            for child in dead:
-                say(f"dev: {child.name} exited with {child.process.returncode}; last lines of {child.log_path}:")
-                say(child.tail())
-            return False
-        with contextlib.suppress(aiohttp.ClientError):
-            async with session.get("/v1/participants") as response:
-                if response.status == 200:
-                    body = await response.json()
-                    live = {p["name"] for p in body["participants"] if p["live"]}
-                    if live >= set(WORKER_NAMES):
-                        return True
-        await _pause(stop, POLL_S)
-    return False
+def _workers_live(body: Any) -> bool:
+    """Every example worker heartbeats, per ``GET /v1/participants``."""
+    return {p["name"] for p in body["participants"] if p["live"]} >= set(WORKER_NAMES)
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
@@ -309,7 +303,7 @@ async def _session(options: DevOptions, redis_url: str, children: Children, stop
     async with aiohttp.ClientSession(base_url=api) as session:
         try:
             async with asyncio.timeout(options.timeout_s):
-                ready = await _wait_ready(session, children, stop)
+                ready = await _wait_for(session, children, stop, "/readyz")
         except TimeoutError:
             say(f"dev: the API was not ready within {options.timeout_s:.0f}s; see {children.log_dir}")
             ready = False
@@ -318,7 +312,7 @@ async def _session(options: DevOptions, redis_url: str, children: Children, stop
             # samples have deadlines: send none before every worker is serving
             try:
                 async with asyncio.timeout(options.timeout_s):
-                    ready = await _wait_workers(session, children, stop)
+                    ready = await _wait_for(session, children, stop, "/v1/participants", _workers_live)
             except TimeoutError:
                 say(f"dev: the workers were not all live within {options.timeout_s:.0f}s; see {children.log_dir}")
                 ready = False

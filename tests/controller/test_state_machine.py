@@ -350,22 +350,17 @@ def test_outgoing_ids_are_derived_from_the_cause_so_a_rerun_repeats_them() -> No
     assert [m.message_id for m in first.outgoing] == [m.message_id for m in second.outgoing]
 
 
+def kyc(**step: Any) -> WorkflowDefinition:
+    """A one-step workflow whose step is orchestrated: the controller sends RunCheck."""
+    check = StepDefinition(
+        name="check", participant="checker", trigger="Applied", completed="Checked", orchestrated=True,
+        command="RunCheck", **step,
+    )  # fmt: skip
+    return WorkflowDefinition(name="kyc", start="Applied", steps=(check,))
+
+
 def test_orchestrated_step_gets_a_command_from_the_controller() -> None:
-    definition = WorkflowDefinition(
-        name="kyc",
-        start="Applied",
-        steps=(
-            StepDefinition(
-                name="check",
-                participant="checker",
-                trigger="Applied",
-                completed="Checked",
-                orchestrated=True,
-                command="RunCheck",
-            ),
-        ),
-    )
-    saga = Saga(definition, {"applicant": "a"})
+    saga = Saga(kyc(), {"applicant": "a"})
     assert saga.sent == ["Applied", "RunCheck"]
     assert saga.steps() == {"check": "running"}
     saga.event("Checked")
@@ -502,23 +497,7 @@ def test_finishing_cancels_every_timer() -> None:
 
 
 def test_an_orchestrated_step_command_is_retried_before_the_step_times_out() -> None:
-    definition = WorkflowDefinition(
-        name="kyc",
-        start="Applied",
-        steps=(
-            StepDefinition(
-                name="check",
-                participant="checker",
-                trigger="Applied",
-                completed="Checked",
-                orchestrated=True,
-                command="RunCheck",
-                timeout_s=10,
-                retry=RetryPolicy(max_attempts=2, base_s=1, jitter=0),
-            ),
-        ),
-    )
-    saga = Saga(definition, {"applicant": "a"})
+    saga = Saga(kyc(timeout_s=10, retry=RetryPolicy(max_attempts=2, base_s=1, jitter=0)), {"applicant": "a"})
     saga.fire("step:check")  # attempt 1 unanswered: wait, then try again
     assert saga.sent == ["Applied", "RunCheck"]
     saga.fire("step:check")
