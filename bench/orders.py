@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-import aiohttp
 import orjson
 
+from bench.keepalive import HttpError, KeepAliveClient
 from bench.load import SubmitError
 
 
@@ -29,23 +30,24 @@ def order(run: str, index: int) -> dict[str, Any]:
 
 
 class HttpSubmitter:
-    """``POST /v1/orders`` on one keep-alive session; returns the workflow id of the 202."""
+    """``POST /v1/orders`` on keep-alive connections; returns the workflow id of the 202."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, run: str) -> None:
-        self.session = session
-        self.url = base_url.rstrip("/") + "/v1/orders"
+    def __init__(self, client: KeepAliveClient, run: str, timeout: float) -> None:
+        self.client = client
         self.run = run
-        self._headers = {"Content-Type": "application/json"}
+        self.timeout = timeout
 
     async def __call__(self, index: int) -> str:
         body = orjson.dumps(order(self.run, index))
         try:
-            async with self.session.post(self.url, data=body, headers=self._headers) as response:
-                raw = await response.read()
-                if response.status != 202:
-                    raise SubmitError(f"http_{response.status}", raw[:200].decode(errors="replace"))
-        except aiohttp.ClientError as exc:
-            raise SubmitError(f"http_{type(exc).__name__}", str(exc)) from exc
+            async with asyncio.timeout(self.timeout):
+                status, raw = await self.client.post("/v1/orders", body)
+        except TimeoutError as exc:
+            raise SubmitError("http_timeout", f"no answer within {self.timeout}s") from exc
+        except HttpError as exc:
+            raise SubmitError("http_error", str(exc)) from exc
+        if status != 202:
+            raise SubmitError(f"http_{status}", raw[:200].decode(errors="replace"))
         workflow_id = orjson.loads(raw).get("workflow_id")
         if not isinstance(workflow_id, str):
             raise SubmitError("http_no_workflow_id", raw[:200].decode(errors="replace"))

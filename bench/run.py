@@ -34,6 +34,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from bench import baseline
 from bench.completion import Classifier, CompletionWatcher, classify_progress, progress_streams
+from bench.keepalive import KeepAliveClient
 from bench.load import Submitter, closed_loop, open_loop
 from bench.orders import HttpSubmitter
 from bench.processes import ChildFailed, Children, CpuMeter, load_average, streamsaga_command
@@ -265,9 +266,11 @@ class _Drive:
                     for p in edges
                 ]
                 await self._wait_groups(redis, groups)
-                submit = HttpSubmitter(session, api_url, run_id)
-                async with self._watching(progress_streams(options.partitions), classify_progress) as watcher:
-                    await self._phases("streamsaga", submit, watcher, redis)
+                async with (
+                    KeepAliveClient(api_url, limit=max(options.concurrency, 256)) as client,
+                    self._watching(progress_streams(options.partitions), classify_progress) as watcher,
+                ):
+                    await self._phases("streamsaga", HttpSubmitter(client, run_id, options.timeout), watcher, redis)
 
     async def baseline(self, run_id: str) -> None:
         options = self.options
