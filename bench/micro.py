@@ -56,8 +56,10 @@ def _decode_event(fields: dict[bytes, bytes]) -> None:
     validate_payload(envelope.type, envelope.payload)
 
 
-def _commit(store: WorkflowStore, before: Instance, result: state_machine.Transition, cause: Entry) -> bytes:
-    return orjson.dumps(store.commit(before, result, cause=cause).spec)
+def _commit(
+    store: WorkflowStore, before: Instance, result: state_machine.Transition, cause: Entry
+) -> list[str | bytes]:
+    return store.commit(before, result, cause=cause).argv()
 
 
 def _reply(cause: Envelope, like: Envelope, now: datetime) -> Envelope:
@@ -93,7 +95,7 @@ def measure(min_s: float = 0.2) -> list[tuple[str, str, float, int]]:
         .model_dump(mode="json", exclude_none=True), 1)  # fmt: skip
     add("controller", "start: request hash + state_machine.start", lambda: state_machine.start(
         ORDER_SAGA, workflow_id, payload, now, request_hash=request_hash("order", payload)), 1)  # fmt: skip
-    add("controller", "start: build commit + encode spec", lambda: orjson.dumps(store.commit(None, started).spec), 1)
+    add("controller", "start: build commit + encode spec", lambda: store.commit(None, started).argv(), 1)
 
     # the chain of events, each decided against the instance the previous one left
     instance = started.instance
