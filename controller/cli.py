@@ -22,7 +22,7 @@ from yarl import URL
 from contracts.definitions import ORDER_SAGA
 from controller.exit_status import ALL_EXIT_STATUS_HELP, EXIT_STATUS_HELP
 from controller.settings import DEFAULT_REDIS_URL, REDIS_URL_ENV, ControllerSettings
-from participants.sdk import logs
+from participants.sdk import collector, logs
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -152,6 +152,7 @@ def _controller(args: argparse.Namespace) -> int:
         print(f"streamsaga controller: {exc}", file=sys.stderr)
         return 2
     try:
+        collector.tune()
         asyncio.run(until_signalled(lambda stop: serve(settings, stop)))
     except (ValidationError, orjson.JSONDecodeError) as exc:
         print(f"streamsaga controller: invalid workflow definitions in {args.definitions}: {exc}", file=sys.stderr)
@@ -247,6 +248,7 @@ def _worker(args: argparse.Namespace) -> int:
         "metrics_host": args.metrics_host,
     }
     settings = WorkerSettings(**{name: value for name, value in given.items() if value is not None})
+    collector.tune()
     asyncio.run(until_signalled(lambda stop: run_worker(args.name, settings, stop)))
     return 0
 
