@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from bench import report
 from bench.processes import ChildFailed
 from bench.run import BenchError, Interrupted, Options, run
+from participants.sdk import collector
 
 
 def parse(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     signal.signal(signal.SIGTERM, _terminate)
+    collector.tune()  # the load generator shares the cores with what it measures
     try:
         result = run(options)
     except (KeyboardInterrupt, Interrupted):

@@ -35,6 +35,7 @@ from redis.exceptions import ResponseError
 from bench.orders import order
 from contracts import naming
 from contracts.definitions import ORDER_SAGA
+from participants.sdk import collector
 from participants.sdk.connection import connect
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=200, help="XREADGROUP COUNT (per stream)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    collector.tune()  # as `streamsaga worker` does: the comparison is of the work, not of GC settings
     asyncio.run(_main(args))
 
 
