@@ -12,9 +12,10 @@
 
     await run_participant(loyalty, RunnerSettings(redis_url=url), stop)
 
-See ``docs/participants.md``.  The commit primitive and the group reader are
-imported by module path (:mod:`participants.sdk.commit`,
-:mod:`participants.sdk.consumer`).
+See ``docs/participants.md``.  The commit primitive, the group reader, the
+handlers' auto-pipelining client and Lua scripts built once are imported by
+module path (:mod:`participants.sdk.commit`, :mod:`participants.sdk.consumer`,
+:mod:`participants.sdk.autopipeline`, :mod:`participants.sdk.scripts`).
 """
 
 from participants.sdk.errors import ParticipantError, Reject, Retry

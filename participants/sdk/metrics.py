@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -112,11 +111,19 @@ class RunnerMetrics:
             registry=self.registry,
         )
         self.dead_letters = dead_letter_counter(self.registry)
-        self.in_flight.labels(participant)  # present (at 0) before the first message
+        self._in_flight_child = self.in_flight.labels(participant)  # present (at 0) before the first message
+        # the labelled children, looked up once per message type (labels() costs a lock and a tuple)
+        self._message_children: dict[tuple[str, HandlerOutcome], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
         ProcessCollector(registry=self.registry)
 
     def message(self, message_type: str, outcome: HandlerOutcome) -> None:
-        self.messages.labels(self.participant, message_type, outcome).inc()
+        child = self._message_children.get((message_type, outcome))
+        if child is None:
+            child = self._message_children[message_type, outcome] = self.messages.labels(
+                self.participant, message_type, outcome
+            )
+        child.inc()
 
     def dead_lettered(self, message_type: str, reason: DeadLetterReason) -> None:
         """One delivery dead-lettered: counted as its handler outcome and by reason."""
@@ -124,17 +131,31 @@ class RunnerMetrics:
         self.message(message_type, outcome)
         self.dead_letters.labels(self.group, reason).inc()
 
-    @contextmanager
-    def handling(self, message_type: str) -> Iterator[None]:
+    def handling(self, message_type: str) -> AbstractContextManager[None]:
         """Time the block as one run of the handler of ``message_type``, counting it in flight meanwhile."""
-        in_flight = self.in_flight.labels(self.participant)
-        in_flight.inc()
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.duration.labels(self.participant, message_type).observe(time.perf_counter() - started)
-            in_flight.dec()
+        child = self._duration_children.get(message_type)
+        if child is None:
+            child = self._duration_children[message_type] = self.duration.labels(self.participant, message_type)
+        return _Handling(self._in_flight_child, child)
+
+
+class _Handling:
+    """One run of a handler: in flight while it runs, its duration observed when it ends."""
+
+    __slots__ = ("_duration", "_in_flight", "_started")
+
+    def __init__(self, in_flight: Gauge, duration: Histogram) -> None:
+        self._in_flight = in_flight
+        self._duration = duration
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._in_flight.inc()
+        self._started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._duration.observe(time.perf_counter() - self._started)
+        self._in_flight.dec()
 
 
 def exposition(registry: Collector, accept: str = "") -> tuple[bytes, str]:

@@ -23,13 +23,12 @@ Beside the read loop a maintenance loop
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -44,6 +43,7 @@ from contracts import naming
 from contracts.envelope import DecodeError, Envelope, derived_message_id, encode, utcnow
 from contracts.messages import PayloadError, validate_payload
 from participants.sdk import tracing
+from participants.sdk.autopipeline import AutoPipelineRedis
 from participants.sdk.commit import Commit, CommitResult, CommitScript, Outcome
 from participants.sdk.connection import connect
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit, decode_entry
@@ -191,6 +191,7 @@ class Runner:
         self._metrics_server: MetricsServer | None = None
         self._script = CommitScript()
         self._redis: Redis | None = None
+        self._handlers_redis: AutoPipelineRedis | None = None  # msg.redis: the handlers' calls share round trips
         self._reader: GroupReader | None = None
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._running = 0  # handlers submitted and not finished (bounds reading)
@@ -209,6 +210,14 @@ class Runner:
         if self._redis is None:
             raise RuntimeError("the runner is not started; use `async with Runner(...)`")
         return self._redis
+
+    @property
+    def handlers_redis(self) -> AutoPipelineRedis:
+        """What handlers get as ``msg.redis``: on the same pool, but the commands
+        of one event-loop tick (a batch's handlers) share one round trip."""
+        if self._handlers_redis is None:
+            raise RuntimeError("the runner is not started; use `async with Runner(...)`")
+        return self._handlers_redis
 
     @property
     def reader(self) -> GroupReader:
@@ -248,6 +257,7 @@ class Runner:
             self._redis = None
             await self._stop_metrics()
             raise
+        self._handlers_redis = AutoPipelineRedis(self._redis.connection_pool)
         self._heartbeat_halt.clear()
         self._heartbeat = asyncio.create_task(
             self._heartbeat_loop(self._heartbeat_halt), name=f"{self.heartbeat_field} heartbeat"
@@ -277,6 +287,9 @@ class Runner:
         except RedisError as error:
             log.warning("could not remove the heartbeat of %s: %s", self.heartbeat_field, error)
         finally:
+            if self._handlers_redis is not None:
+                await self._handlers_redis.aclose()  # the pool is the runner's client's, closed next
+                self._handlers_redis = None
             await redis.aclose()
             self._redis = None
             self._reader = None
@@ -426,53 +439,51 @@ class Runner:
             "message_type": envelope.type,
             "attempt": entry.deliveries,
         }
-        name = self.participant.name
-        async with self._slots, self._scope(envelope, extra):
-            msg = Message(envelope, self.redis, name, entry.stream, entry.id, entry.deliveries)
-            deadline = asyncio.timeout(self.settings.handler_timeout_s)
-            try:
-                async with deadline:
-                    replies = await self.participant.dispatch(msg)
-                return _Handled(self._outgoing(entry, envelope, replies))
-            except Reject as error:
-                return _Rejected(f"rejected by {name}: {error.reason}")
-            except Retry as error:
-                log.info(
-                    "%s will retry %s %s in %.3gs: %s",
-                    name,
-                    envelope.type,
-                    envelope.message_id,
-                    error.delay,
-                    error.reason,
-                    extra=extra,
-                )
-                return _Failed(f"retry requested: {error.reason}", error.delay)
-            except TimeoutError as error:
-                if not deadline.expired():
-                    return self._failed(entry, envelope, error, extra)
-                log.warning(
-                    "%s: handler of %s %s did not finish within %ss",
-                    name,
-                    envelope.type,
-                    envelope.message_id,
-                    self.settings.handler_timeout_s,
-                    extra=extra,
-                )
-                return _Failed(f"handler did not finish within {self.settings.handler_timeout_s}s", None)
-            except Exception as error:
-                return self._failed(entry, envelope, error, extra)
-
-    @contextlib.asynccontextmanager
-    async def _scope(self, envelope: Envelope, extra: dict[str, object]) -> AsyncIterator[None]:
-        """Around one handler: every log line carries ``extra``, a span (with OpenTelemetry), its metrics."""
-        name = f"{self.participant.name} {envelope.type}"
         attributes = {"streamsaga.correlation_id": envelope.correlation_id, "messaging.message.id": envelope.message_id}
-        with (
-            log_context(**extra, traceparent=envelope.traceparent),
-            tracing.span(name, envelope.traceparent, attributes),
-            self.metrics.handling(envelope.type),
-        ):
-            yield
+        async with self._slots:
+            # around the handler: every log line carries `extra`, a span (with OpenTelemetry), its metrics
+            with (
+                log_context(**extra, traceparent=envelope.traceparent),
+                tracing.span(f"{self.participant.name} {envelope.type}", envelope.traceparent, attributes),
+                self.metrics.handling(envelope.type),
+            ):
+                return await self._call_handler(entry, envelope, extra)
+
+    async def _call_handler(self, entry: Entry, envelope: Envelope, extra: dict[str, object]) -> _Result:
+        name = self.participant.name
+        msg = Message(envelope, self.handlers_redis, name, entry.stream, entry.id, entry.deliveries)
+        deadline = asyncio.timeout(self.settings.handler_timeout_s)
+        try:
+            async with deadline:
+                replies = await self.participant.dispatch(msg)
+            return _Handled(self._outgoing(entry, envelope, replies))
+        except Reject as error:
+            return _Rejected(f"rejected by {name}: {error.reason}")
+        except Retry as error:
+            log.info(
+                "%s will retry %s %s in %.3gs: %s",
+                name,
+                envelope.type,
+                envelope.message_id,
+                error.delay,
+                error.reason,
+                extra=extra,
+            )
+            return _Failed(f"retry requested: {error.reason}", error.delay)
+        except TimeoutError as error:
+            if not deadline.expired():
+                return self._failed(entry, envelope, error, extra)
+            log.warning(
+                "%s: handler of %s %s did not finish within %ss",
+                name,
+                envelope.type,
+                envelope.message_id,
+                self.settings.handler_timeout_s,
+                extra=extra,
+            )
+            return _Failed(f"handler did not finish within {self.settings.handler_timeout_s}s", None)
+        except Exception as error:
+            return self._failed(entry, envelope, error, extra)
 
     def _failed(self, entry: Entry, envelope: Envelope, error: Exception, extra: dict[str, object]) -> _Failed:
         log.warning(

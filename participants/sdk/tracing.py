@@ -18,7 +18,7 @@ import functools
 import importlib
 import re
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,14 +75,24 @@ def enabled() -> bool:
     return _opentelemetry() is not None
 
 
-@contextmanager
-def span(name: str, traceparent: str | None, attributes: Mapping[str, str | int] | None = None) -> Iterator[None]:
+_NO_SPAN = nullcontext()
+
+
+def span(
+    name: str, traceparent: str | None, attributes: Mapping[str, str | int] | None = None
+) -> AbstractContextManager[None]:
     """An OpenTelemetry consumer span around the block, child of ``traceparent``
     (a new trace if it is None); nothing at all without OpenTelemetry."""
     otel = _opentelemetry()
     if otel is None:
-        yield
-        return
+        return _NO_SPAN  # once per handled message: not even a generator
+    return _span(otel, name, traceparent, attributes)
+
+
+@contextmanager
+def _span(
+    otel: tuple[Any, Any], name: str, traceparent: str | None, attributes: Mapping[str, str | int] | None
+) -> Iterator[None]:
     trace, propagator = otel
     parent = propagator.extract({"traceparent": traceparent}) if traceparent else None
     tracer = trace.get_tracer(TRACER_NAME)

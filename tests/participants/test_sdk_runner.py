@@ -296,6 +296,23 @@ async def test_several_replies_get_distinct_ids_and_no_reply_just_acks(redis: Re
     assert [pong.payload["i"] for pong in pongs] == [0, 1, 2]
 
 
+async def test_the_redis_calls_of_one_batchs_handlers_share_one_round_trip(redis: Redis, redis_url: str) -> None:
+    shared = Participant("shared")
+
+    @shared.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        # each handler's business call, answered with the id of the connection that carried it
+        return Reply("Pong", {"connection": await msg.redis.client_id(), "n": msg.payload["n"]})
+
+    for n in range(8):
+        await publish(redis, envelope("Ping", {"n": n}))  # waiting before the runner starts: one batch
+    async with running(shared, fast_settings(redis_url)):
+        pongs = await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 8, what="8 Pongs")
+    assert sorted(pong.payload["n"] for pong in pongs) == list(range(8))
+    # one client each would have taken a connection each, the calls being in flight at once
+    assert len({pong.payload["connection"] for pong in pongs}) == 1
+
+
 async def test_no_more_handlers_run_at_once_than_the_concurrency(redis: Redis, redis_url: str) -> None:
     running_now = 0
     most = 0
