@@ -21,6 +21,7 @@ from contracts.messages import (
 from participants import ledger
 from participants.ledger import Release, Reservation
 from participants.sdk import Message, Participant, Reply
+from participants.sdk.scripts import Script
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ DEFAULT_STOCK = 100
 # KEYS: stock, stock-initial, reservations.  ARGV: workflow id, default stock,
 # the reservation record, the unavailable record, then SKU, units pairs.
 # The first decision for a workflow is recorded and returned on every re-run.
-_RESERVE = """
+_RESERVE = Script("""
 local existing = redis.call('HGET', KEYS[3], ARGV[1])
 if existing then return existing end
 local short = {}
@@ -51,10 +52,10 @@ else
 end
 redis.call('HSET', KEYS[3], ARGV[1], record)
 return record
-"""
+""")
 
 # KEYS: stock, reservations, releases.  ARGV: workflow id, the release record.
-_RELEASE = """
+_RELEASE = Script("""
 local raw = redis.call('HGET', KEYS[2], ARGV[1])
 if not raw then return 'none' end
 local reservation = cjson.decode(raw)
@@ -64,7 +65,7 @@ for sku, units in pairs(reservation.items) do
   redis.call('HINCRBY', KEYS[1], sku, units)
 end
 return 'released'
-"""
+""")
 
 
 def build(default_stock: int = DEFAULT_STOCK) -> Participant:
@@ -92,9 +93,7 @@ def build(default_stock: int = DEFAULT_STOCK) -> Participant:
         ]
         for sku, units in items.items():
             args += [sku, units]
-        raw = await msg.redis.register_script(_RESERVE)(
-            keys=[ledger.STOCK, ledger.STOCK_INITIAL, ledger.RESERVATIONS], args=args
-        )
+        raw = await _RESERVE(msg.redis, keys=[ledger.STOCK, ledger.STOCK_INITIAL, ledger.RESERVATIONS], args=args)
         stored = Reservation.model_validate_json(raw)
         if stored.status == "unavailable":
             log.info("not enough stock of %s", ", ".join(stored.short), extra={"correlation_id": msg.correlation_id})
@@ -106,7 +105,8 @@ def build(default_stock: int = DEFAULT_STOCK) -> Participant:
     @inventory.compensates("ReleaseInventory")
     async def release(msg: Message) -> Reply:
         command = msg.parse(CompensationCommand)
-        outcome = await msg.redis.register_script(_RELEASE)(
+        outcome = await _RELEASE(
+            msg.redis,
             keys=[ledger.STOCK, ledger.RESERVATIONS, ledger.RELEASES],
             args=[msg.correlation_id, Release(reason=command.reason).model_dump_json()],
         )

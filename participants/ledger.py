@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from contracts import naming
+from participants.sdk.scripts import Script
 
 PAYMENT = "payment"
 INVENTORY = "inventory"
@@ -103,29 +104,29 @@ class Notice(Record):
 RecordT = TypeVar("RecordT", bound=Record)
 
 # Set a hash field once; return the value it holds (the first writer's).
-_RECORD_ONCE = """
+_RECORD_ONCE = Script("""
 redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 return redis.call('HGET', KEYS[1], ARGV[1])
-"""
+""")
 
 # Set a hash field once, only if ARGV[1] is a field of the hash KEYS[1]; nil otherwise.
-_RECORD_IF = """
+_RECORD_IF = Script("""
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return false end
 redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
 return redis.call('HGET', KEYS[2], ARGV[1])
-"""
+""")
 
 
 async def record_once(redis: Redis, key: str, workflow_id: str, record: RecordT) -> RecordT:
     """Record ``record`` for the workflow unless a record exists; the stored one wins."""
-    stored = await redis.register_script(_RECORD_ONCE)(keys=[key], args=[workflow_id, record.model_dump_json()])
+    stored = await _RECORD_ONCE(redis, keys=[key], args=[workflow_id, record.model_dump_json()])
     return type(record).model_validate_json(stored)
 
 
 async def record_if(redis: Redis, required: str, key: str, workflow_id: str, record: RecordT) -> RecordT | None:
     """Record ``record`` once, only if the workflow has a record in ``required``
     (same hash slot); the stored record, or None when there is nothing to undo."""
-    stored = await redis.register_script(_RECORD_IF)(keys=[required, key], args=[workflow_id, record.model_dump_json()])
+    stored = await _RECORD_IF(redis, keys=[required, key], args=[workflow_id, record.model_dump_json()])
     return type(record).model_validate_json(stored) if stored is not None else None
 
 
