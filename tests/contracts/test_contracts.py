@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from decimal import Decimal
 
 import orjson
@@ -13,7 +14,7 @@ from pydantic import ValidationError
 import contracts
 from contracts import naming
 from contracts.definitions import ORDER_SAGA, Role, StepDefinition, WorkflowDefinition
-from contracts.envelope import DecodeError, Envelope, WorkflowRef, decode, encode, utcnow
+from contracts.envelope import DecodeError, Envelope, WorkflowRef, decode, derived_message_id, encode, utcnow
 from contracts.messages import Order, OrderIn, PayloadError, validate_payload
 
 ORDER = {
@@ -84,6 +85,33 @@ def test_envelope_round_trips_through_stream_fields() -> None:
     assert fields["type"] == "OrderSubmitted"
     assert fields["correlation_id"] == "wf-1"
     assert decode(_wire(envelope)) == envelope
+
+
+@pytest.mark.parametrize(
+    ("causation_id", "parts"),
+    [
+        ("3f0c6a1b2c3d4e5f60718293a4b5c6d7", ("payment", "PaymentCaptured")),
+        ("3f0c6a1b2c3d4e5f60718293a4b5c6d7", ("payment", "PaymentCaptured", "1")),
+        ("wf-1", ("inventory",)),
+        ("", ()),
+        ("", ("", "")),
+        ("ünïcödé/🙂", ("日本", "a/b")),
+        ("x" * 1000, ("y" * 100,)),
+    ],
+)
+def test_a_derived_message_id_is_the_hex_of_a_uuid5_in_the_url_namespace(
+    causation_id: str, parts: tuple[str, ...]
+) -> None:
+    name = "/".join((causation_id, *parts))
+    assert derived_message_id(causation_id, *parts) == uuid.uuid5(uuid.NAMESPACE_URL, name).hex
+
+
+def test_derived_message_ids_keep_their_wire_values() -> None:
+    # ids already on the streams must be derived the same way by every version
+    assert derived_message_id("wf-1", "payment") == "d9be07ae6fd65db1a4a54690fb1ecb38"
+    for n in range(512):  # every value of the version and variant nibbles' free bits
+        cause = f"m-{n}"
+        assert derived_message_id(cause, "p", "T") == uuid.uuid5(uuid.NAMESPACE_URL, f"{cause}/p/T").hex
 
 
 def test_decode_ignores_unknown_envelope_fields() -> None:
