@@ -11,6 +11,7 @@ of a process's time is its own Python and how much is I/O and the event loop.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import timeit
 import uuid
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from functools import partial
 from typing import Any, cast
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 
 from bench.orders import order
 from contracts import naming
@@ -30,7 +31,11 @@ from contracts.messages import OrderIn, validate_payload
 from controller import state_machine
 from controller.instance import Instance
 from controller.store import WorkflowStore, request_hash
+from participants import ledger
+from participants.sdk import Message, Participant, Reply, Runner, RunnerSettings
+from participants.sdk.autopipeline import AutoPipelineRedis
 from participants.sdk.consumer import Entry
+from participants.sdk.metrics import HandlerOutcome
 
 PARTITIONS = naming.DEFAULT_PARTITIONS
 
@@ -145,7 +150,54 @@ def measure(min_s: float = 0.2) -> list[tuple[str, str, float, int]]:
     add("worker", "encode reply (model_dump + orjson)", each(worker["encode"]), n)
     # the events are timed as a chain of n; report per event
     rows = [(p, s, us / n if s.startswith("event:") or p == "worker" else us, c) for p, s, us, c in rows]
+    rows.append(("runner", "a batch's handlers, per message, with replies", _handling(payload, min_s), n))
     return rows
+
+
+_BATCH = 64
+
+
+def _handling(payload: dict[str, Any], min_s: float) -> float:
+    """µs per message the SDK runner spends around a handler that makes no call:
+    handlers started as a batch's tasks, each with its log context, span, metrics,
+    deadline and :class:`Message`, and its reply built into an envelope; then counted."""
+    participant = Participant(ledger.PAYMENT)
+    started = state_machine.start(ORDER_SAGA, uuid.uuid4().hex, payload, utcnow())
+    cause = started.outgoing[0]
+    captured = _EVENTS[0][2](payload["order"])
+
+    @participant.on(cause.type)
+    async def capture(msg: Message) -> Reply:
+        return Reply("PaymentCaptured", captured)
+
+    runner = Runner(participant, RunnerSettings(redis_url="redis://unused"))
+    # what entering the runner sets up, without connecting: the handler makes no call
+    pool = ConnectionPool()
+    runner._redis = Redis(connection_pool=pool)
+    runner._handlers_redis = AutoPipelineRedis(pool)
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encode(cause).items()}
+    stream = naming.message_stream(naming.partition_of(cause.correlation_id, PARTITIONS), cause.type)
+    entry = Entry(stream, "1-0", fields)
+
+    async def batch() -> None:
+        async with asyncio.TaskGroup() as handlers:
+            for _ in range(_BATCH):
+                handlers.create_task(runner._handle(entry, cause))
+        for _ in range(_BATCH):
+            runner.metrics.message(cause.type, HandlerOutcome.OK)
+
+    loop = asyncio.new_event_loop()
+    try:
+        return _time(lambda: loop.run_until_complete(batch()), min_s) / _BATCH
+    finally:
+        loop.close()
+
+
+_SCOPES = {
+    "controller": "one order: HTTP + start + 4 events",
+    "worker": "all four workers together",
+    "runner": "the SDK runner around the four workers' handlers, replies included",
+}
 
 
 def report(rows: list[tuple[str, str, float, int]]) -> str:
@@ -156,7 +208,7 @@ def report(rows: list[tuple[str, str, float, int]]) -> str:
         totals[process] = totals.get(process, Decimal(0)) + Decimal(us * calls)
     lines.append("")
     for process, total in totals.items():
-        scope = "one order: HTTP + start + 4 events" if process == "controller" else "all four workers together"
+        scope = _SCOPES[process]
         lines.append(f"{process} Python per workflow ({scope}), without I/O: {total:.0f} µs")
     return "\n".join(lines)
 

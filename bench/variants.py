@@ -16,9 +16,11 @@ Variants (several may be joined with ``+``):
     events' commits fail their version guard and are decided again.
 
 ``autopipeline``
-    Handlers get a Redis client whose script calls are queued and sent in one
-    pipeline per event-loop tick, so the handlers of one batch share one round
-    trip instead of making one each.
+    (Landed as :mod:`participants.sdk.autopipeline`, for every command rather
+    than script calls only; from there on it merely queues in front of it, kept
+    to compare older commits.)  Handlers get a Redis client whose script calls
+    are queued and sent in one pipeline per event-loop tick, so the handlers of
+    one batch share one round trip instead of making one each.
 
 Nothing here is production code: it patches private names of the current
 implementation and is only as good as the last time someone ran it.
