@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from contracts import naming
 from contracts.messages import PaymentCaptured
 from participants.sdk import Message, Participant, Reply, RunnerSettings, collector, run_participant
+from participants.sdk.scripts import Script
 
 NAME = "loyalty"
 BALANCES = naming.participant_key(NAME, "balances")  # customer id -> points
@@ -41,32 +42,32 @@ class PointsAwarded(BaseModel):
 # KEYS: balances, awards, revoked.  ARGV: workflow id, customer id, points.
 # Award once per workflow, and never after the payment was refunded: the refund
 # may be read first when this worker catches up on both streams at once.
-_AWARD = """
+_AWARD = Script("""
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 0 end
 if redis.call('HSETNX', KEYS[2], ARGV[1], cjson.encode({customer_id = ARGV[2], points = tonumber(ARGV[3])})) == 1 then
   redis.call('HINCRBY', KEYS[1], ARGV[2], ARGV[3])
 end
 return cjson.decode(redis.call('HGET', KEYS[2], ARGV[1])).points
-"""
+""")
 
 # KEYS: balances, awards, revoked.  ARGV: workflow id.  Revoke once; remember the
 # revocation even when nothing was awarded yet, so a late award is refused.
-_REVOKE = """
+_REVOKE = Script("""
 if redis.call('HSETNX', KEYS[3], ARGV[1], 1) == 0 then return 0 end
 local award = redis.call('HGET', KEYS[2], ARGV[1])
 if not award then return 0 end
 local a = cjson.decode(award)
 redis.call('HINCRBY', KEYS[1], a.customer_id, -a.points)
 return a.points
-"""
+""")
 
 
 @loyalty.on("PaymentCaptured")
 async def award(msg: Message) -> Reply | None:
     captured = msg.parse(PaymentCaptured)  # a payload that does not fit is dead-lettered with the reason
     points = int(captured.amount)  # whole units, rounded down
-    awarded = await msg.redis.register_script(_AWARD)(
-        keys=[BALANCES, AWARDS, REVOKED], args=[msg.correlation_id, captured.order.customer_id, points]
+    awarded = await _AWARD(
+        msg.redis, keys=[BALANCES, AWARDS, REVOKED], args=[msg.correlation_id, captured.order.customer_id, points]
     )
     if not awarded:
         return None  # refunded already, or nothing to award: just acknowledge
@@ -75,7 +76,7 @@ async def award(msg: Message) -> Reply | None:
 
 @loyalty.on("PaymentRefunded")
 async def revoke(msg: Message) -> None:
-    await msg.redis.register_script(_REVOKE)(keys=[BALANCES, AWARDS, REVOKED], args=[msg.correlation_id])
+    await _REVOKE(msg.redis, keys=[BALANCES, AWARDS, REVOKED], args=[msg.correlation_id])
 
 
 async def main(settings: RunnerSettings) -> None:
