@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.log import access_logger
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -24,6 +25,7 @@ from contracts.schema import schemas
 from controller import api, liveness, metrics
 from controller.correlator import Correlator
 from controller.definitions import Definitions
+from controller.instance_cache import InstanceCache
 from controller.progress import MAX_BLOCK_MS, ProgressHub
 from controller.retention import Retention
 from controller.settings import ControllerSettings
@@ -67,12 +69,18 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     client = connect(settings.redis_url, name=f"streamsaga-controller-{settings.consumer}")
     app[api.REDIS] = client
-    app[api.STORE] = WorkflowStore(
-        client, settings.partitions, retention_s=settings.retention_s, observer=app[metrics.METRICS].observe
+    store = WorkflowStore(
+        client,
+        settings.partitions,
+        retention_s=settings.retention_s,
+        observer=app[metrics.METRICS].observe,
+        cache=InstanceCache(settings.instance_cache_size),
     )
+    app[api.STORE] = store
     try:
         yield
     finally:
+        await store.aclose()
         await client.aclose()
 
 
@@ -233,7 +241,9 @@ async def _run_correlator(correlator: Correlator, stop: asyncio.Event, ready: as
 
 async def serve(settings: ControllerSettings, stop: asyncio.Event) -> None:
     """Serve the API on ``settings.host:settings.port`` until ``stop`` is set, then shut down gracefully."""
-    runner = web.AppRunner(create_app(settings))
+    # the access log is off unless asked for: the correlator logs every workflow's changes,
+    # and a line per request costs the controller a few percent of its CPU
+    runner = web.AppRunner(create_app(settings), access_log=access_logger if settings.access_log else None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)

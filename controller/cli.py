@@ -75,6 +75,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text) if text.isdigit() else -1
     if not 0 <= value <= 65_535:
@@ -146,6 +156,8 @@ def _controller(args: argparse.Namespace) -> int:
             liveness_forget_s=args.liveness_forget_s,
             sse_keepalive_s=args.sse_keepalive_s,
             sse_buffer_events=args.sse_buffer_events,
+            instance_cache_size=args.instance_cache_size,
+            access_log=args.access_log,
             **({"consumer": args.consumer} if args.consumer else {}),
         )
     except ValueError as exc:
@@ -221,6 +233,20 @@ def _controller_parser(sub: Any) -> None:
         type=_positive,
         default=d.sse_buffer_events,
         help="events an SSE client may fall behind before it is cut off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--instance-cache-size",
+        type=_non_negative,
+        default=d.instance_cache_size,
+        metavar="N",
+        help="workflow instances kept in memory after a commit, so the next event needs no read; "
+        "0 reads every time (default: %(default)s)",
+    )
+    p.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=d.access_log,
+        help="log a line per HTTP request at INFO (default: off)",
     )
     p.set_defaults(run=_controller)
 

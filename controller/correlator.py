@@ -1,8 +1,12 @@
 """The correlator: reads every event the definitions name, applies it to its
 workflow through the pure state machine and commits the result atomically.
 
-One batch costs three round trips whatever its size: XREADGROUP, a pipelined
-load of the instances, and a pipeline of commit-script calls.
+One batch costs at most three round trips whatever its size: XREADGROUP, a
+pipelined load of the instances the store's cache does not hold (none when every
+workflow of the batch runs here: see :meth:`WorkflowStore.committed`), and a
+pipeline of commit-script calls.  A cached instance that turns out stale (another
+controller moved the workflow on) fails its commit's version check; it is then
+forgotten, read again and decided again.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class Correlator:
         )
         self.applied = 0
         self.duplicates = 0
+        self.conflicts = 0  # commits refused by the version guard, then decided again
         self.dead_lettered = 0
 
     async def prepare(self) -> None:
@@ -138,7 +143,7 @@ class Correlator:
         self, work: dict[str, list[tuple[Entry, Envelope]]], rejected: list[_Rejected]
     ) -> dict[str, list[tuple[Entry, Envelope]]]:
         """One round: load, decide, commit.  Returns the work that hit a version conflict."""
-        instances = await self.store.load_many(work)
+        instances = await self.store.load_for_update(work)
         now = self.clock()
         commits: list[Commit] = []
         owners: list[tuple[str, int]] = []  # (workflow id, index of its message) per commit
@@ -175,7 +180,12 @@ class Correlator:
                 decided.append((current, result, envelope))
                 current = result.instance
                 previous = envelope.message_id
-        results = await self.store.script.run(self.store.redis, commits)
+        try:
+            results = await self.store.script.run(self.store.redis, commits)
+        except BaseException:
+            for workflow_id in work:  # some commits may have landed: trust no cached instance
+                self.store.forget(workflow_id)
+            raise
         retry: dict[str, list[tuple[Entry, Envelope]]] = {}
         for (workflow_id, index), (before, result, envelope), outcome in zip(owners, decided, results, strict=True):
             if outcome.outcome is Outcome.OK:
@@ -184,12 +194,16 @@ class Correlator:
                 if self.metrics is not None:
                     self.metrics.applied()
                 _log_commit(before, result, envelope)
-            elif outcome.outcome is Outcome.DUPLICATE:
+                continue
+            # applied before (by whom?) or decided on a stale instance: read it again next time
+            self.store.forget(workflow_id)
+            if outcome.outcome is Outcome.DUPLICATE:
                 self.duplicates += 1
                 if self.metrics is not None and not self._read_back(before, envelope):
                     self.metrics.duplicate()
             elif workflow_id not in retry:
                 # this and every later message of the workflow must be decided again
+                self.conflicts += 1
                 retry[workflow_id] = work[workflow_id][index:]
         return retry
 
@@ -211,6 +225,8 @@ def _log_commit(before: Instance, result: state_machine.Transition, envelope: En
     """A line per applied message (debug), and one per change of the workflow's status (info;
     warning when it needs attention)."""
     after = result.instance
+    if after.status is before.status and not log.isEnabledFor(logging.DEBUG):
+        return
     cause = result.history[0]
     extra = {
         "correlation_id": after.id,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts.naming import DEFAULT_PARTITIONS
+from controller import instance_cache
 
 REDIS_URL_ENV = "STREAMSAGA_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -49,6 +50,11 @@ class ControllerSettings:
     """An SSE stream with nothing to send this long gets a ``: keep-alive`` comment."""
     sse_buffer_events: int = 1_000
     """Events an SSE client may fall behind before it is disconnected with an ``overflow`` event."""
+    instance_cache_size: int = instance_cache.DEFAULT_SIZE
+    """Workflow instances kept in memory after this controller committed them, so the
+    correlator decides a workflow's next event without reading it back (0: always read)."""
+    access_log: bool = False
+    """Log a line per HTTP request (aiohttp's access log, logger ``aiohttp.access``, at INFO)."""
 
     def __post_init__(self) -> None:
         if self.partitions < 1:
@@ -65,6 +71,8 @@ class ControllerSettings:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
         if not self.sse_keepalive_s > 0:
             raise ValueError(f"sse_keepalive_s must be positive, not {self.sse_keepalive_s}")
+        if self.instance_cache_size < 0:
+            raise ValueError(f"instance_cache_size must not be negative, not {self.instance_cache_size}")
         if self.sse_buffer_events < 1:
             raise ValueError(f"sse_buffer_events must be positive, not {self.sse_buffer_events}")
         if not self.consumer:

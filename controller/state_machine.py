@@ -97,7 +97,7 @@ def start(
         traceparent=traceparent,
         payload=payload,
     )
-    decider = _Decider(definition, instance, start_event, now)
+    decider = _Decider(definition, instance, start_event, now, fresh=True)
     sla = effective_sla(definition, sla_s)
     if sla is not None:
         decider.instance.sla_deadline_at = now + timedelta(seconds=sla)
@@ -132,11 +132,21 @@ def check_operator_request(instance: Instance, message_type: str) -> None:
 
 
 class _Decider:
-    """One transition in the making: the new instance and what it produces."""
+    """One transition in the making: the new instance and what it produces.
 
-    def __init__(self, definition: WorkflowDefinition, instance: Instance, cause: Envelope, now: datetime) -> None:
-        new = instance.model_copy(
-            update={"steps": [step.model_copy() for step in instance.steps], "timers": dict(instance.timers)}
+    ``instance`` is copied (steps and timers included) and left as it was, unless it
+    is ``fresh``: made for this transition alone, so nobody else can see it change.
+    """
+
+    def __init__(
+        self, definition: WorkflowDefinition, instance: Instance, cause: Envelope, now: datetime, *, fresh: bool = False
+    ) -> None:
+        new = (
+            instance
+            if fresh
+            else instance.model_copy(
+                update={"steps": [step.model_copy() for step in instance.steps], "timers": dict(instance.timers)}
+            )
         )
         new.version += 1
         new.updated_at = now

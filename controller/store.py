@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import uuid
@@ -11,14 +12,16 @@ from typing import Any, Protocol
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from contracts import naming
 from contracts.definitions import WorkflowDefinition
 from contracts.envelope import Envelope, encode
 from controller import state_machine
 from controller.instance import TERMINAL, HistoryEntry, Instance, WorkflowStatus
+from controller.instance_cache import InstanceCache
 from controller.timers import timer_member
-from participants.sdk.commit import Commit, CommitScript, Outcome
+from participants.sdk.commit import Commit, CommitResult, CommitScript, Outcome
 from participants.sdk.consumer import Entry
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,13 @@ def _ms(moment: datetime) -> int:
 
 
 class WorkflowStore:
+    """Workflow instances in Redis.
+
+    ``cache`` keeps the instances of the workflows this process runs, as it committed
+    them last (see :meth:`committed`), for :meth:`load_for_update`; the API's reads
+    (:meth:`load`, :meth:`load_many`, :meth:`list`) always read Redis.
+    """
+
     def __init__(
         self,
         redis: Redis,
@@ -68,12 +78,16 @@ class WorkflowStore:
         retention_s: int = 7 * 86_400,
         script: CommitScript | None = None,
         observer: CommitObserver | None = None,
+        cache: InstanceCache | None = None,
     ) -> None:
         self.redis = redis
         self.partitions = partitions
         self.retention_s = retention_s
         self.script = script or CommitScript()
         self.observer = observer
+        self.cache = InstanceCache() if cache is None else cache
+        self._starting: list[tuple[Commit, asyncio.Future[CommitResult]]] | None = None
+        self._start_runs: set[asyncio.Task[None]] = set()
 
     def partition(self, workflow_id: str) -> int:
         return naming.partition_of(workflow_id, self.partitions)
@@ -88,6 +102,30 @@ class WorkflowStore:
                 pipe.hget(naming.instance_key(self.partition(workflow_id), workflow_id), "s")
             raw = await pipe.execute()
         return {wid: Instance.model_validate_json(r) if r else None for wid, r in zip(ids, raw, strict=True)}
+
+    async def load_for_update(self, workflow_ids: Iterable[str]) -> dict[str, Instance | None]:
+        """Each workflow's instance to decide its next message on: the one this process
+        committed last if it is cached, else read from Redis.
+
+        A cached instance may be stale (another controller moved the workflow on, or it
+        expired): a commit decided on it then gets ``conflict`` from the version guard,
+        and the caller must :meth:`forget` it and decide again on a fresh load.
+        """
+        found: dict[str, Instance | None] = {}
+        missing: list[str] = []
+        for workflow_id in workflow_ids:
+            instance = self.cache.get(workflow_id)
+            if instance is None:
+                missing.append(workflow_id)
+            else:
+                found[workflow_id] = instance
+        if missing:
+            found.update(await self.load_many(missing))
+        return found
+
+    def forget(self, workflow_id: str) -> None:
+        """Drop the cached instance of a workflow (its commit conflicted, or its outcome is unknown)."""
+        self.cache.forget(workflow_id)
 
     async def history(self, workflow_id: str, start: int = 0) -> list[HistoryEntry]:
         key = naming.history_key(self.partition(workflow_id), workflow_id)
@@ -145,7 +183,22 @@ class WorkflowStore:
         raise RuntimeError(f"workflow {workflow_id} kept changing; try again")
 
     def committed(self, before: Instance | None, result: state_machine.Transition) -> None:
-        """Tell the observer that the commit of ``result`` took effect."""
+        """Record that the commit of ``result`` took effect: cache the instance it wrote,
+        and tell the observer.
+
+        The instance is kept only while the workflow runs here: it was started here
+        (``before`` is None) or decided on the cached instance.  One decided on an
+        instance read from Redis was moved on elsewhere last (another controller, an
+        earlier run of this one, an operator request), so its next event is as likely
+        to go elsewhere too; and a finished workflow seldom hears again.  Keeping those
+        would only fill the cache with instances that are never read — which costs
+        the collector and the allocator more than a read from Redis saves.
+        """
+        after = result.instance
+        if after.status not in TERMINAL and (before is None or self.cache.holds(before)):
+            self.cache.put(after)
+        else:
+            self.cache.forget(after.id)
         if self.observer is not None:
             self.observer(before, result)
 
@@ -214,6 +267,7 @@ class WorkflowStore:
 
         With an Idempotency-Key, a repeat of the same request returns the existing
         instance (created=False) and another body raises :class:`IdempotencyConflict`.
+        The starts of one event-loop tick share one round trip (see :meth:`_commit_start`).
         """
         digest = request_hash(definition.name, payload, sla_s)
         workflow_id = workflow_id_for(definition.name, idempotency_key)
@@ -227,7 +281,7 @@ class WorkflowStore:
             traceparent=traceparent,
             sla_s=sla_s,
         )
-        [outcome] = await self.script.run(self.redis, [self.commit(None, result)])
+        outcome = await self._commit_start(self.commit(None, result))
         if outcome.outcome is Outcome.OK:
             self.committed(None, result)
             return result.instance, True
@@ -240,6 +294,59 @@ class WorkflowStore:
             assert idempotency_key is not None
             raise IdempotencyConflict(idempotency_key, workflow_id)
         return existing, False
+
+    async def _commit_start(self, commit: Commit) -> CommitResult:
+        """Run ``commit`` in one pipeline with the other starts of this event-loop tick.
+
+        The first start of a tick schedules the run; every start made before that run
+        begins joins it.  Each caller gets its own commit's outcome, in the order the
+        commits were made.
+        """
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[CommitResult] = loop.create_future()
+        if self._starting is None:
+            self._starting = []
+            run = loop.create_task(self._run_starts(), name="workflow starts")
+            self._start_runs.add(run)
+            run.add_done_callback(self._start_runs.discard)
+        self._starting.append((commit, outcome))
+        return await outcome
+
+    async def _run_starts(self) -> None:
+        batch, self._starting = self._starting or [], None
+        commits = [commit for commit, _ in batch]
+        try:
+            outcomes: list[CommitResult | Exception]
+            try:
+                outcomes = list(await self.script.run(self.redis, commits))
+            except ResponseError:
+                if len(commits) == 1:
+                    raise
+                # One script call's error hides the others' outcomes: run each alone, so the
+                # error reaches only its own caller.  The commits that landed the first time
+                # answer `dup` now, and their callers find their instance as a replay would.
+                outcomes = []
+                for commit in commits:
+                    try:
+                        outcomes += await self.script.run(self.redis, [commit])
+                    except ResponseError as exc:
+                        outcomes.append(exc)
+            except Exception as exc:  # Redis unreachable: nobody knows whether their start landed
+                outcomes = [exc] * len(batch)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():  # its caller was cancelled
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+        finally:
+            for _, future in batch:  # cancelled itself: so are its callers
+                future.cancel()
+
+    async def aclose(self) -> None:
+        """Wait for the starts in flight to finish."""
+        await asyncio.gather(*self._start_runs, return_exceptions=True)
 
 
 def _progress(instance: Instance, entry: HistoryEntry, line: str) -> dict[str, str | bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -287,6 +288,24 @@ async def test_the_same_idempotency_key_with_another_body_is_a_conflict(api: Api
     reply = await api.call("POST", "/v1/orders", json=changed("currency", "EUR"), headers=key)
 
     assert_problem(reply, 409, "Idempotency-Key")
+
+
+async def test_concurrent_requests_with_one_idempotency_key_start_one_workflow(api: Api) -> None:
+    key = {"Idempotency-Key": "order-44"}
+    replies = await asyncio.gather(
+        *(api.call("POST", "/v1/orders", json=ORDER, headers=key) for _ in range(6)),
+        api.call("POST", "/v1/orders", json=changed("currency", "EUR"), headers=key),
+        *(api.call("POST", "/v1/orders", json=ORDER) for _ in range(3)),
+    )
+
+    same, other, fresh = replies[:6], replies[6], replies[7:]
+    assert [r.status for r in same] == [202] * 6
+    assert len({r.body["workflow_id"] for r in same}) == 1
+    assert sorted(r.headers.get("Idempotent-Replayed", "") for r in same) == [""] + ["true"] * 5
+    assert_problem(other, 409, "Idempotency-Key")
+    assert [r.status for r in fresh] == [202] * 3
+    assert len({r.body["workflow_id"] for r in [*fresh, same[0]]}) == 4
+    assert len((await api.call("GET", "/v1/workflows")).body["workflows"]) == 4
 
 
 async def test_an_unusable_idempotency_key_is_rejected(api: Api) -> None:

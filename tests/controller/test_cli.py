@@ -227,6 +227,9 @@ async def test_controller_tuning_flags_reach_its_settings(tmp_path: Path) -> Non
         ["controller", "--stream-min-age-s", "60", "--sse-buffer-events", "50", "--liveness-grace-s", "0"]
     )
     assert (args.stream_min_age_s, args.sse_buffer_events, args.liveness_grace_s) == (60.0, 50, 0.0)
+    assert (args.instance_cache_size, args.access_log) == (10_000, False)
+    args = build_parser().parse_args(["controller", "--instance-cache-size", "0", "--access-log"])
+    assert (args.instance_cache_size, args.access_log) == (0, True)
 
 
 async def test_ledger_of_an_empty_redis_balances(redis: Redis, redis_url: str) -> None:
@@ -262,6 +265,7 @@ def test_worker_help_states_the_workers_own_defaults(capsys: pytest.CaptureFixtu
     [
         ["controller", "--partitions", "0"],
         ["controller", "--port", "70000"],
+        ["controller", "--instance-cache-size", "-1"],
         ["worker", "payment", "--payment-limit", "lots"],
         ["worker", "shipping", "--countries", "USA"],
         ["contracts"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -310,3 +311,111 @@ async def test_a_finished_workflow_that_reopens_stops_expiring(store: WorkflowSt
     p = store.partition(instance.id)
     for reopened in (key, naming.seen_key(p, instance.id), naming.history_key(p, instance.id)):
         assert await store.redis.ttl(reopened) == -1
+
+
+# --- the instance cache ------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def correlating(worker: Correlator) -> AsyncIterator[Correlator]:
+    """``worker`` running until the block ends."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await task
+
+
+async def test_the_next_event_is_decided_on_the_instance_the_last_commit_left(
+    store: WorkflowStore, running: Correlator
+) -> None:
+    instance = await start_order(store)
+    hits, misses = store.cache.hits, store.cache.misses
+    await emit(store, envelope(instance, "PaymentCaptured"))
+    await eventually(lambda: counter(running, "applied"), lambda n: n == 1, what="the event applied")
+    await emit(store, envelope(instance, "InventoryReserved"))
+    await eventually(lambda: counter(running, "applied"), lambda n: n == 2, what="the event applied")
+
+    assert (store.cache.hits - hits, store.cache.misses - misses) == (2, 0)  # no read from Redis
+    cached = store.cache.get(instance.id)
+    assert cached is not None
+    assert cached == await store.load(instance.id)
+    assert cached.version == 3
+    await emit(store, envelope(instance, "ShipmentScheduled"))
+    await emit(store, envelope(instance, "CustomerNotified"))
+    await eventually(lambda: store.load(instance.id), status_is(WorkflowStatus.COMPLETED))
+    assert store.cache.get(instance.id) is None  # finished: it leaves the cache
+
+
+async def test_a_controller_whose_cached_instance_another_controller_moved_on_reloads_and_decides_again(
+    redis: Redis,
+) -> None:
+    first, second = WorkflowStore(redis, P), WorkflowStore(redis, P)
+    a, b = correlator(first, "a"), correlator(second, "b")
+    instance = await start_order(first)
+
+    async def apply(worker: Correlator, event: str, version: int) -> None:
+        async with correlating(worker):
+            await emit(first, envelope(instance, event))
+            await eventually(lambda: first.load(instance.id), lambda i: i is not None and i.version == version)
+
+    await apply(a, "PaymentCaptured", 2)  # a caches version 2
+    await apply(b, "InventoryReserved", 3)  # b moves the workflow on behind a's back
+    assert first.cache.get(instance.id).version == 2  # type: ignore[union-attr]
+    assert second.cache.get(instance.id) is None  # b read it from Redis: not a workflow b runs
+    await apply(a, "ShipmentScheduled", 4)  # decided on version 2: refused, reloaded, decided again
+
+    assert a.conflicts == 1
+    assert (a.applied, b.applied) == (2, 1)
+    done = await first.load(instance.id)
+    assert done is not None
+    assert [s.status for s in done.steps] == ["completed", "completed", "completed", "running"]
+    history = await first.history(instance.id)
+    assert [h.type for h in history] == ["OrderSubmitted", "PaymentCaptured", "InventoryReserved", "ShipmentScheduled"]
+    assert [h.seq for h in history] == [0, 1, 2, 3]
+    assert first.cache.get(instance.id) is None  # moved on elsewhere: read from Redis next time
+
+
+async def test_two_controllers_with_caches_of_their_own_apply_each_event_exactly_once(redis: Redis) -> None:
+    stores = [WorkflowStore(redis, P), WorkflowStore(redis, P)]
+    # every other workflow started by each: each controller's cache holds half of them at first
+    instances = [await start_order(stores[i % 2]) for i in range(20)]
+    workers = [correlator(store, f"c-{i}") for i, store in enumerate(stores)]
+    async with correlating(workers[0]), correlating(workers[1]):
+        for event in ("PaymentCaptured", "InventoryReserved", "ShipmentScheduled", "CustomerNotified"):
+            for instance in instances:
+                await emit(stores[0], envelope(instance, event))
+        for instance in instances:
+            await eventually(lambda i=instance: stores[0].load(i.id), status_is(WorkflowStatus.COMPLETED))  # type: ignore[misc]
+    for instance in instances:
+        history = await stores[0].history(instance.id)
+        assert [h.type for h in history] == [
+            "OrderSubmitted",
+            "PaymentCaptured",
+            "InventoryReserved",
+            "ShipmentScheduled",
+            "CustomerNotified",
+        ]
+        assert [h.seq for h in history] == list(range(5))
+    assert sum(w.applied for w in workers) == 20 * 4
+    assert sum(w.duplicates for w in workers) == 0
+
+
+async def test_a_cached_workflow_that_expired_in_redis_is_not_brought_back(
+    store: WorkflowStore, running: Correlator
+) -> None:
+    instance = await start_order(store)
+    assert store.cache.get(instance.id) is not None
+    p = store.partition(instance.id)
+    keys = (naming.instance_key, naming.seen_key, naming.history_key)
+    await store.redis.delete(*(key(p, instance.id) for key in keys))  # as retention expires them
+
+    await emit(store, envelope(instance, "PaymentCaptured"))
+
+    [letter] = await eventually(lambda: dead_letters(store.redis), lambda rows: len(rows) == 1)
+    assert letter["reason"] == f"no such workflow {instance.id!r}"
+    assert await store.load(instance.id) is None
+    assert store.cache.get(instance.id) is None
+    assert running.conflicts == 1
