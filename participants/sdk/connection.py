@@ -2,13 +2,61 @@
 
 from __future__ import annotations
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import DataError
+from redis.typing import EncodableT
 
 # Blocking reads (XREADGROUP BLOCK) must return well before the socket times out,
 # or redis-py would treat a quiet stream as a dead connection.
 SOCKET_TIMEOUT_S = 10.0
 MAX_BLOCK_MS = 2_000
 MAX_CONNECTIONS = 64
+
+
+class _HiredisPacking(AbstractConnection):
+    """Commands packed by hiredis (C) rather than by redis-py's asyncio connection
+    (Python, which re-joins the buffer for every argument): a commit's EVALSHA with
+    ~70 arguments took about 50 µs to pack, hiredis packs it in about 5.  The
+    synchronous redis-py client does the same when hiredis is installed."""
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        first = args[0]
+        if isinstance(first, str):  # a command name may carry literal words: "CLIENT SETNAME"
+            args = (*first.encode().split(), *args[1:])
+        elif isinstance(first, bytes) and b" " in first:
+            args = (*first.split(), *args[1:])
+        try:
+            # hiredis's stub types the tuple as of one item; any number is packed
+            return [hiredis.pack_command(args)]  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        # hiredis takes str, bytes, memoryview, int and float; redis-py sends a bytearray as bytes
+        plain = tuple(bytes(arg) if isinstance(arg, bytearray) else arg for arg in args)
+        try:
+            return [hiredis.pack_command(plain)]  # type: ignore[arg-type]
+        except TypeError as exc:  # as redis-py's own encoder refuses None, bools, objects
+            raise DataError(f"cannot send {args[0]!r} with an argument of that type: {exc}") from exc
+
+
+class HiredisConnection(_HiredisPacking, Connection):
+    pass
+
+
+class HiredisSSLConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+class HiredisUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: HiredisConnection,
+    SSLConnection: HiredisSSLConnection,
+    UnixDomainSocketConnection: HiredisUnixConnection,
+}
 
 
 def connect(url: str, *, name: str | None = None, max_connections: int = MAX_CONNECTIONS) -> Redis:
@@ -27,4 +75,6 @@ def connect(url: str, *, name: str | None = None, max_connections: int = MAX_CON
         client_name=name,
         decode_responses=False,
     )
+    # the URL's scheme chose the connection class (TCP, TLS, Unix socket): keep it, packed by hiredis
+    pool.connection_class = _PACKING.get(pool.connection_class, pool.connection_class)
     return Redis.from_pool(pool)

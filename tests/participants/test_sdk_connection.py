@@ -1,0 +1,60 @@
+"""Clients from ``connect``: commands packed by hiredis, byte for byte as redis-py packs them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.exceptions import DataError
+
+from participants.sdk.connection import HiredisConnection, HiredisUnixConnection, connect
+
+COMMANDS: list[tuple[Any, ...]] = [
+    ("SET", "key", "value"),
+    ("EVALSHA", "0123abcd", 2, "ss:{3}:wf:x", b"ss:{3}:hist:x", "hset", "5", "1", "v", "7", "s", b"{" * 70_000),
+    ("CLIENT SETNAME", "worker-1"),
+    (b"CONFIG GET", b"maxmemory"),
+    ("ZADD", "timers", 1.5, "m", 0.1, "n", 1e20, "o", -3, "p"),
+    ("HSET", "h", "é", "ünïcode", bytearray(b"raw"), memoryview(b"view")),
+    ("XADD", "s", "*", "f", ""),
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: str(c[0]))
+def test_a_command_is_packed_exactly_as_redis_py_packs_it(command: tuple[Any, ...]) -> None:
+    assert b"".join(HiredisConnection().pack_command(*command)) == b"".join(Connection().pack_command(*command))
+
+
+@pytest.mark.parametrize("bad", [None, True, object()])
+def test_an_argument_redis_cannot_take_is_refused_as_redis_py_refuses_it(bad: object) -> None:
+    with pytest.raises(DataError):
+        Connection().pack_command("SET", "k", bad)  # type: ignore[arg-type]
+    with pytest.raises(DataError):
+        HiredisConnection().pack_command("SET", "k", bad)  # type: ignore[arg-type]
+
+
+def test_the_urls_scheme_still_chooses_the_transport() -> None:
+    tcp = connect("redis://127.0.0.1:1/0")
+    unix = connect("unix:///tmp/no-such.sock")
+    assert tcp.connection_pool.connection_class is HiredisConnection
+    assert unix.connection_pool.connection_class is HiredisUnixConnection
+    assert issubclass(HiredisUnixConnection, UnixDomainSocketConnection)
+
+
+async def test_commands_and_pipelines_round_trip_through_a_real_server(redis_url: str) -> None:
+    client: Redis = connect(redis_url, name="packing-test")
+    try:
+        await client.flushdb()
+        big = b"\x00\xff" * 50_000
+        assert await client.set("k", big)
+        assert await client.get("k") == big
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hset("h", mapping={"é": "ü", "n": 3})
+            pipe.hgetall("h")
+            _, found = await pipe.execute()
+        assert found == {"é".encode(): "ü".encode(), b"n": b"3"}
+        assert await client.client_getname() == "packing-test"  # set by CLIENT SETNAME on connect
+    finally:
+        await client.aclose()
