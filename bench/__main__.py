@@ -18,10 +18,10 @@ from bench.run import BenchError, Interrupted, Options, run
 from participants.sdk import collector
 
 
-def parse(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
+def parse(argv: list[str] | None = None, prog: str = "python -m bench") -> tuple[Options, argparse.Namespace]:
     defaults = Options()
     parser = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog=prog,
         description=(
             "Start an embedded Redis, the streamsaga controller and the four example workers as separate "
             "processes; push orders through POST /v1/orders in a closed loop and at a fixed offered rate; "
@@ -154,8 +154,8 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    options, args = parse(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
+    options, args = parse(argv, prog)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",

@@ -901,14 +901,35 @@ def build_parser() -> argparse.ArgumentParser:
         _contracts_parser,
         _ledger_parser,
         _dlq_parser,
+        _bench_parser,
     ):
         add(sub)
     return parser
 
 
+def _bench_parser(sub: Any) -> None:
+    # every argument after `bench`, --help included, is the benchmark's own (bench/__main__.py)
+    p = sub.add_parser(
+        "bench",
+        add_help=False,
+        help="measure throughput and latency against a bare-Redis baseline (`streamsaga bench --help`)",
+    )
+    p.set_defaults(run=_bench, passes_arguments_on=True)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from bench.__main__ import main as bench
+
+    return bench(args.passed_on, prog="streamsaga bench")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``streamsaga``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "passes_arguments_on", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.passed_on = unknown
     # every process's log lines carry the correlation id, step and attempt (see participants.sdk.logs)
     logs.configure_logging(args.log_level, args.log_format)
     result: int = args.run(args)

@@ -334,3 +334,27 @@ async def test_dev_stops_every_process_on_sigterm(tmp_path: Path) -> None:
     assert len(started) == 6
     assert [pid for pid in started if alive(pid)] == []
     assert "dev: stopped embedded redis-server" in text
+
+
+def test_bench_passes_every_argument_on_to_the_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--orders", "10", "--help"])
+    assert exited.value.code == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: streamsaga bench")
+    assert "--concurrency" in usage
+    assert "--rate" in usage
+
+
+def test_bench_refuses_what_the_benchmark_refuses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--orders", "0"])
+    assert exited.value.code == 2
+    assert "must be positive" in capsys.readouterr().err
+
+
+def test_other_commands_still_refuse_unknown_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["ledger", "--orders", "10"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --orders 10" in capsys.readouterr().err
