@@ -62,9 +62,14 @@ Money = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=2)]
 
 
 class Wire(BaseModel):
-    """Base of every stream payload: unknown fields are ignored."""
+    """Base of every stream payload: unknown fields are ignored.
 
-    model_config = ConfigDict(extra="ignore")
+    Assignments are validated too, so a payload model stays valid after it is
+    built (unless built with ``model_construct``/``model_copy(update=…)`` or its
+    lists changed in place): emitting one needs no second validation.
+    """
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
 
 
 class Item(Wire):
@@ -278,13 +283,26 @@ def first_error(exc: ValidationError, root: str = "") -> tuple[str, str]:
     return path, err["msg"]
 
 
-def validate_payload(message_type: str, payload: dict[str, Any]) -> None:
-    """Raise :class:`PayloadError` if ``payload`` does not fit ``message_type``."""
+def parse_payload(message_type: str, payload: dict[str, Any]) -> Wire | None:
+    """``payload`` as the registered model of ``message_type`` (None for a type
+    without one); raise :class:`PayloadError` if it does not fit."""
     model = PAYLOADS.get(message_type)
     if model is None:
-        return
+        return None
     try:
-        model.model_validate(payload)
+        return model.model_validate(payload)
     except ValidationError as exc:
         path, msg = first_error(exc, "payload")
         raise PayloadError(f"invalid {message_type} payload at {path}: {msg}") from exc
+
+
+def validate_payload(message_type: str, payload: dict[str, Any]) -> None:
+    """Raise :class:`PayloadError` if ``payload`` does not fit ``message_type``."""
+    parse_payload(message_type, payload)
+
+
+def is_registered_model(message_type: str, payload: object) -> bool:
+    """Whether ``payload`` is an instance of exactly the registered model of
+    ``message_type``: pydantic validated it when it was built (and validates any
+    assignment to it since, see :class:`Wire`), so it needs no second check."""
+    return type(payload) is PAYLOADS.get(message_type)

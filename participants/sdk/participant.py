@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 
 from contracts import naming
 from contracts.envelope import Envelope, WorkflowRef
-from contracts.messages import first_error
+from contracts.messages import first_error, is_registered_model, validate_payload
 from participants.sdk.errors import Reject
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -57,6 +57,19 @@ class Reply:
             return self.payload.model_dump(mode="json", exclude_none=True)
         return dict(self.payload)
 
+    def checked_payload(self) -> dict[str, Any]:
+        """:meth:`payload_dict`, checked against the schema of ``type`` (:data:`contracts.messages.PAYLOADS`);
+        raises :class:`~contracts.messages.PayloadError` if it does not fit.
+
+        A payload that is an instance of exactly the registered model was validated
+        when it was built, so it is only dumped; anything else (a mapping, another
+        model) is validated.
+        """
+        payload = self.payload_dict()
+        if not is_registered_model(self.type, self.payload):
+            validate_payload(self.type, payload)
+        return payload
+
 
 @dataclass(frozen=True)
 class Message:
@@ -70,6 +83,9 @@ class Message:
     entry_id: str = ""
     attempt: int = 1
     """How many times this message has been delivered to the participant's group (1 on the first try)."""
+    payload_model: BaseModel | None = field(default=None, repr=False)
+    """The payload as the registered model of its type (:data:`contracts.messages.PAYLOADS`),
+    as validated when the entry was decoded; None for a type without one."""
 
     @property
     def type(self) -> str:
@@ -93,7 +109,14 @@ class Message:
         return self.envelope.payload
 
     def parse(self, model: builtins.type[ModelT]) -> ModelT:
-        """The payload as ``model``; a payload that does not fit is rejected (dead-lettered at once)."""
+        """The payload as ``model``; a payload that does not fit is rejected (dead-lettered at once).
+
+        For the registered model of the message's type this is :attr:`payload_model`,
+        the very object validated at decode, and the same on every call: treat it as read-only.
+        """
+        decoded = self.payload_model
+        if type(decoded) is model:
+            return decoded
         try:
             return model.model_validate(self.envelope.payload)
         except ValidationError as exc:

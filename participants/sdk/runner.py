@@ -41,12 +41,12 @@ from redis.typing import StreamIdT
 
 from contracts import naming
 from contracts.envelope import DecodeError, Envelope, derived_message_id, encode, utcnow
-from contracts.messages import PayloadError, validate_payload
+from contracts.messages import PayloadError, Wire
 from participants.sdk import tracing
 from participants.sdk.autopipeline import AutoPipelineRedis
 from participants.sdk.commit import Commit, CommitResult, CommitScript, Outcome
 from participants.sdk.connection import connect
-from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit, decode_entry
+from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit, decode_entry_parsed
 from participants.sdk.errors import Reject, Retry
 from participants.sdk.logs import log_context
 from participants.sdk.metrics import DeadLetterReason, HandlerOutcome, MetricsServer, RunnerMetrics, dead_letter_reason
@@ -60,6 +60,7 @@ _PAUSE_AFTER_ERROR_S = 0.5
 _STOP_GRACE_S = 5.0
 
 _Key = tuple[str, str]  # (stream, entry id)
+_Decoded = tuple[Entry, Envelope, Wire | None]  # an entry, its envelope, its payload as validated (decode_entry_parsed)
 
 
 def default_consumer() -> str:
@@ -200,6 +201,7 @@ class Runner:
         self._in_flight: set[_Key] = set()
         self._not_before: dict[_Key, float] = {}  # Retry(delay): monotonic time of the next try
         self._last_error: dict[_Key, str] = {}
+        self._settled_in_scan: set[_Key] | None = None  # entries batches settled while a pending scan ran
         self._batches: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._heartbeat_halt = asyncio.Event()
@@ -369,37 +371,39 @@ class Runner:
             commits: list[Commit] = []
             kinds: list[tuple[_Kind, int, str]] = []  # per commit: what it is, how many messages it emits, type
             settled: list[_Key] = []  # entries whose commit acks them
-            valid: list[tuple[Entry, Envelope]] = []
+            valid: list[_Decoded] = []
             for entry in entries:
                 try:
-                    valid.append((entry, decode_entry(entry, self.settings.partitions)))
+                    envelope, parsed = decode_entry_parsed(entry, self.settings.partitions)
+                    valid.append((entry, envelope, parsed))
                 except (DecodeError, PayloadError) as error:
                     commits.append(self._dead_letter_commit(entry, error.reason, dead_letter_reason(error)))
                     kinds.append((_Kind.DEAD_LETTER, 0, _type_of(entry)))
                     settled.append((entry.stream, entry.id))
-            fresh: list[tuple[Entry, Envelope]] = []
-            for (entry, envelope), done in zip(valid, await self._already_handled(valid), strict=True):
+            fresh: list[_Decoded] = []
+            for decoded, done in zip(valid, await self._already_handled(valid), strict=True):
                 if done:
+                    entry = decoded[0]
                     commits.append(Commit().ack(entry.stream, self.group, entry.id))
                     kinds.append((_Kind.DUPLICATE, 0, _type_of(entry)))
                     settled.append((entry.stream, entry.id))
                 else:
-                    fresh.append((entry, envelope))
+                    fresh.append(decoded)
             # the same message twice in one batch (a producer's retried XADD) runs once;
             # the second entry's commit then finds the outcome record and only acks
-            first: dict[str, tuple[Entry, Envelope]] = {}
-            for entry, envelope in fresh:
-                first.setdefault(envelope.message_id, (entry, envelope))
+            first: dict[str, _Decoded] = {}
+            for decoded in fresh:
+                first.setdefault(decoded[1].message_id, decoded)
             self._give(held - len(first))
             held = len(first)
             tasks: dict[str, asyncio.Task[_Result]] = {}
             async with asyncio.TaskGroup() as handlers:
-                for message_id, (entry, envelope) in first.items():
-                    task = handlers.create_task(self._handle(entry, envelope))
+                for message_id, (entry, envelope, parsed) in first.items():
+                    task = handlers.create_task(self._handle(entry, envelope, parsed))
                     task.add_done_callback(lambda _: self._give(1))
                     tasks[message_id] = task
                 held = 0
-            for entry, envelope in fresh:
+            for entry, envelope, _ in fresh:
                 result = tasks[envelope.message_id].result()
                 if not isinstance(result, _Failed) or entry.deliveries >= self.policy.max_deliveries:
                     settled.append((entry.stream, entry.id))
@@ -419,20 +423,22 @@ class Runner:
             for stream, entry_id in settled:
                 self._last_error.pop((stream, entry_id), None)
                 self._not_before.pop((stream, entry_id), None)
+            if self._settled_in_scan is not None:
+                self._settled_in_scan.update(settled)
         finally:
             self._give(held)
             self._in_flight.difference_update((entry.stream, entry.id) for entry in entries)
 
-    async def _already_handled(self, valid: list[tuple[Entry, Envelope]]) -> list[bool]:
+    async def _already_handled(self, valid: list[_Decoded]) -> list[bool]:
         if not valid:
             return []
         name = self.participant.name
         async with self.redis.pipeline(transaction=False) as pipe:
-            for entry, envelope in valid:
+            for entry, envelope, _ in valid:
                 pipe.exists(naming.outcome_key(entry.partition, name, envelope.message_id))
             return [bool(found) for found in await pipe.execute()]
 
-    async def _handle(self, entry: Entry, envelope: Envelope) -> _Result:
+    async def _handle(self, entry: Entry, envelope: Envelope, parsed: Wire | None = None) -> _Result:
         extra: dict[str, object] = {
             "correlation_id": envelope.correlation_id,
             "step": _step_of(envelope),
@@ -447,11 +453,13 @@ class Runner:
                 tracing.span(f"{self.participant.name} {envelope.type}", envelope.traceparent, attributes),
                 self.metrics.handling(envelope.type),
             ):
-                return await self._call_handler(entry, envelope, extra)
+                return await self._call_handler(entry, envelope, parsed, extra)
 
-    async def _call_handler(self, entry: Entry, envelope: Envelope, extra: dict[str, object]) -> _Result:
+    async def _call_handler(
+        self, entry: Entry, envelope: Envelope, parsed: Wire | None, extra: dict[str, object]
+    ) -> _Result:
         name = self.participant.name
-        msg = Message(envelope, self.handlers_redis, name, entry.stream, entry.id, entry.deliveries)
+        msg = Message(envelope, self.handlers_redis, name, entry.stream, entry.id, entry.deliveries, parsed)
         deadline = asyncio.timeout(self.settings.handler_timeout_s)
         try:
             async with deadline:
@@ -507,8 +515,7 @@ class Runner:
             nth = seen.get(reply.type, 0)
             seen[reply.type] = nth + 1
             parts = (name, reply.type) if nth == 0 else (name, reply.type, str(nth))
-            payload = reply.payload_dict()
-            validate_payload(reply.type, payload)
+            payload = reply.checked_payload()
             outgoing.append(
                 Envelope(
                     message_id=derived_message_id(incoming.message_id, *parts),
@@ -586,7 +593,16 @@ class Runner:
         await self._hold_and_release()
         if stop.is_set():
             return
-        retry, exhausted = await self.reader.pending(exclude=self._in_flight.union(self._not_before))
+        self._settled_in_scan = set()
+        try:
+            retry, exhausted = await self.reader.pending(exclude=self._in_flight.union(self._not_before))
+            # The exclusions are a snapshot: while the scan ran, a batch may have read one of
+            # these entries and still hold it, or even have settled it.  It is that batch's.
+            taken = self._in_flight.union(self._not_before, self._settled_in_scan)
+        finally:
+            self._settled_in_scan = None
+        retry = [entry for entry in retry if (entry.stream, entry.id) not in taken]
+        exhausted = [entry for entry in exhausted if (entry.stream, entry.id) not in taken]
         if exhausted:
             commits = []
             for entry in exhausted:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import orjson
@@ -15,7 +16,18 @@ import contracts
 from contracts import naming
 from contracts.definitions import ORDER_SAGA, Role, StepDefinition, WorkflowDefinition
 from contracts.envelope import DecodeError, Envelope, WorkflowRef, decode, derived_message_id, encode, utcnow
-from contracts.messages import Order, OrderIn, PayloadError, validate_payload
+from contracts.messages import (
+    CompensationCommand,
+    Order,
+    OrderIn,
+    OrderSubmitted,
+    PayloadError,
+    PaymentCaptured,
+    ShipmentFailed,
+    is_registered_model,
+    parse_payload,
+    validate_payload,
+)
 
 ORDER = {
     "customer_id": "c-1",
@@ -114,6 +126,39 @@ def test_derived_message_ids_keep_their_wire_values() -> None:
         assert derived_message_id(cause, "p", "T") == uuid.uuid5(uuid.NAMESPACE_URL, f"{cause}/p/T").hex
 
 
+class _Tagged(PaymentCaptured):
+    """A handler's own refinement of a registered model."""
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"order": ORDER},
+        {"none": None, "nested": {"none": None, "list": [None, 1]}},
+        {"floats": [0.1, 1e22, 1.5e-7, 1e16, -0.0, float("nan"), float("inf")], "ints": [2**63 - 1, -(2**63)]},
+        {"text": 'héllo ☃ \u2028 \x00 "q" \\ </script>'},
+        {"amount": Decimal("1.10"), "at": datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=timezone(timedelta(hours=2)))},
+        {"day": date(2024, 1, 1), "id": uuid.UUID(int=5), "tuple": (1, 2), "bytes": b"raw", "keys": {1: 2}},
+        {"model": OrderSubmitted.model_validate({"order": ORDER})},
+    ],
+)
+def test_encode_writes_the_envelope_json_that_orjson_of_its_json_dump_gives(payload: dict[str, object]) -> None:
+    # encode() serialises in pydantic-core; the bytes on the wire stay what they were
+    for envelope in (
+        _envelope(payload=payload),
+        _envelope(payload=payload, causation_id="m-0", traceparent="t", attempt=3, occurred_at=datetime.now(UTC)),
+    ):
+        before = orjson.dumps(envelope.model_dump(mode="json", exclude_none=True))
+        assert encode(envelope)["envelope"] == before
+
+
+def test_encode_leaves_out_empty_optional_fields() -> None:
+    body = orjson.loads(encode(_envelope())["envelope"])
+    assert "causation_id" not in body
+    assert "traceparent" not in body
+    assert body["occurred_at"].endswith("Z")
+
+
 def test_decode_ignores_unknown_envelope_fields() -> None:
     wire = _wire(_envelope())
     body = orjson.loads(wire[b"envelope"])
@@ -209,6 +254,42 @@ def test_invalid_payload_is_reported_with_its_path() -> None:
     with pytest.raises(PayloadError, match=r"payload\.amount"):
         validate_payload("PaymentCaptured", {"order": ORDER, "payment_id": "p", "amount": "-3"})
     validate_payload("SomethingUserDefined", {"anything": 1})  # unregistered types are not checked
+
+
+def test_parse_payload_returns_the_registered_model_it_validated() -> None:
+    parsed = parse_payload("OrderSubmitted", {"order": ORDER})
+    assert type(parsed) is OrderSubmitted
+    assert parsed.order.total() == Decimal("22.00")
+    assert parse_payload("SomethingUserDefined", {"anything": 1}) is None
+    with pytest.raises(PayloadError, match=r"invalid OrderSubmitted payload at payload\.order\.items"):
+        parse_payload("OrderSubmitted", {"order": {**ORDER, "items": []}})
+
+
+def test_only_an_instance_of_exactly_the_registered_model_counts_as_checked() -> None:
+    captured = PaymentCaptured(order=Order.model_validate(ORDER), payment_id="p", amount=Decimal("22.00"))
+    assert is_registered_model("PaymentCaptured", captured)
+    assert not is_registered_model("PaymentCaptured", captured.model_dump(mode="json"))  # a dict
+    assert not is_registered_model("PaymentCaptured", _Tagged.model_validate(captured.model_dump()))  # a subclass
+    assert not is_registered_model("PaymentCaptured", ShipmentFailed(reason="x"))  # another type's model
+    assert not is_registered_model("SomethingUserDefined", captured)  # a type without a model
+    # one model registered for several types
+    command = CompensationCommand(step="payment", reason="r")
+    assert is_registered_model("RefundPayment", command)
+    assert is_registered_model("ReleaseInventory", command)
+
+
+def test_assigning_to_a_payload_model_is_validated() -> None:
+    # so a payload model stays valid after it was built: emitting it needs no second check
+    captured = PaymentCaptured(order=Order.model_validate(ORDER), payment_id="p", amount=Decimal("22.00"))
+    with pytest.raises(ValidationError, match="amount"):
+        captured.amount = Decimal("-1")
+    with pytest.raises(ValidationError, match="currency"):
+        captured.order.currency = "XXX"
+    with pytest.raises(ValidationError, match="items"):
+        captured.order.items = []
+    captured.order.ship_to.country = "fr"
+    assert captured.order.ship_to.country == "FR"  # validators run on assignment too
+    assert (captured.amount, captured.order.currency) == (Decimal("22.00"), "EUR")
 
 
 def test_order_saga_roles_read_like_a_table() -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from decimal import Decimal
+
 import pytest
+from pydantic import ConfigDict
 from redis.asyncio import Redis
 
 from contracts import naming
-from contracts.messages import OrderSubmitted
+from contracts.messages import OrderSubmitted, PayloadError, PaymentCaptured, PaymentDeclined, parse_payload
 from participants.sdk import Message, Participant, Reject, Reply, Retry, RunnerSettings
 from tests.participants.helpers import envelope, message, order
 
@@ -92,6 +96,58 @@ async def test_parse_gives_a_typed_payload_and_rejects_one_that_does_not_fit(red
     bad = message(redis, "p", envelope("OrderSubmitted", {"order": {"customer_id": "c"}}))
     with pytest.raises(Reject, match=r"payload\.order\.items"):
         bad.parse(OrderSubmitted)
+
+
+class _MyOrderSubmitted(OrderSubmitted):
+    """A handler's own model of the payload."""
+
+
+async def test_parse_returns_the_model_validated_at_decode_for_the_registered_model(redis: Redis) -> None:
+    env = envelope("OrderSubmitted", {"order": order(("SKU-1", 2, "5.00"))})
+    decoded = parse_payload(env.type, env.payload)
+    msg = dataclasses.replace(message(redis, "p", env), payload_model=decoded)
+    assert msg.parse(OrderSubmitted) is decoded
+    assert msg.parse(OrderSubmitted) is decoded  # the same object every time: no second validation
+    own = msg.parse(_MyOrderSubmitted)  # any other model is validated from the payload, as before
+    assert type(own) is _MyOrderSubmitted
+    assert own.order.items[0].sku == "SKU-1"
+    undecoded = message(redis, "p", env)  # built without the runner: parse validates
+    assert undecoded.payload_model is None
+    parsed = undecoded.parse(OrderSubmitted)
+    assert parsed is not decoded
+    assert parsed == decoded
+
+
+def test_a_reply_of_the_registered_model_is_dumped_without_a_second_validation() -> None:
+    declined = PaymentDeclined(reason="over the limit", amount=Decimal("1200.00"))
+    assert Reply("PaymentDeclined", declined).checked_payload() == {"reason": "over the limit", "amount": "1200.00"}
+    # model_construct skips validation, and nothing checks it again: what the docs warn about
+    unchecked = PaymentDeclined.model_construct(reason="r", amount=Decimal("-1"))
+    assert Reply("PaymentDeclined", unchecked).checked_payload() == {"reason": "r", "amount": "-1"}
+
+
+@pytest.mark.parametrize(
+    ("reply", "path"),
+    [
+        (Reply("PaymentDeclined", {"reason": "r", "amount": "-1"}), "payload.amount"),  # a dict with a bad field
+        (Reply("PaymentDeclined", {"amount": "1"}), "payload.reason"),  # a dict missing a field
+        (Reply("PaymentCaptured", PaymentDeclined(reason="r")), "payload.order"),  # another type's model
+    ],
+)
+def test_a_reply_that_is_not_the_registered_model_is_validated(reply: Reply, path: str) -> None:
+    with pytest.raises(PayloadError, match=rf"invalid {reply.type} payload at {path.replace('.', '[.]')}"):
+        reply.checked_payload()
+
+
+def test_a_subclass_of_the_registered_model_is_validated_as_a_dict() -> None:
+    class Lenient(PaymentCaptured):
+        model_config = ConfigDict(extra="ignore", validate_assignment=False)
+
+    captured = Lenient.model_validate({"order": order(("SKU-1", 1, "1.00")), "payment_id": "p", "amount": "1.00"})
+    captured.amount = Decimal("-5")  # no validation on assignment in this subclass
+    with pytest.raises(PayloadError, match=r"payload\.amount"):
+        Reply("PaymentCaptured", captured).checked_payload()
+    assert Reply("Unregistered", captured).checked_payload()["amount"] == "-5"  # a type without a schema
 
 
 def test_reply_payload_may_be_a_model_or_a_mapping() -> None:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection
+from decimal import Decimal
 
 import orjson
+import pytest
+from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from contracts import naming
 from contracts.envelope import derived_message_id, encode
+from contracts.messages import OrderSubmitted, PaymentCaptured, ShipmentFailed
 from participants.sdk import Message, Participant, Reject, Reply, Retry
-from participants.sdk.consumer import GroupReader
+from participants.sdk.consumer import Entry, GroupReader
 from tests.conftest import eventually
 from tests.participants.helpers import (
     PARTITIONS,
@@ -19,6 +24,7 @@ from tests.participants.helpers import (
     emitted,
     envelope,
     fast_settings,
+    order,
     original_type,
     pending_count,
     publish,
@@ -154,6 +160,50 @@ async def test_a_slow_handler_keeps_its_entry_from_live_peers(redis: Redis, redi
     assert await dead_letters(redis) == []
 
 
+async def test_an_entry_a_batch_took_while_a_pending_scan_ran_is_left_to_that_batch(
+    redis: Redis, redis_url: str
+) -> None:
+    # A pending scan excludes what the runner held when the scan started.  A scan that
+    # waits (for a connection, say) can find an entry a batch read meanwhile, claim it and
+    # hand it back while the batch still holds it, or after the batch settled it.
+    calls: list[int] = []
+    release = asyncio.Event()
+    slow = Participant("slow")
+
+    @slow.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        calls.append(msg.attempt)
+        await release.wait()
+        return Reply("Pong")
+
+    incoming = envelope("Ping")
+    stream = stream_of(incoming)
+    scans = 0
+    handed_back: list[str] = []
+    async with running(slow, fast_settings(redis_url)) as runner:
+        real = runner.reader.pending
+
+        async def stale_scan(exclude: Collection[tuple[str, str]] = ()) -> tuple[list[Entry], list[Entry]]:
+            nonlocal scans
+            scans += 1
+            retry, exhausted = await real(())  # as if the runner held nothing when the scan started
+            handed_back.extend(entry.id for entry in retry)
+            if len(handed_back) == 2:
+                release.set()  # this time the batch finishes, and acks the entry, before the scan returns
+                await eventually(lambda: pending_count(redis, stream, "slow"), lambda n: n == 0, what="the ack")
+            return retry, exhausted
+
+        runner.reader.pending = stale_scan  # type: ignore[method-assign]
+        await publish(redis, incoming)
+        await eventually(lambda: asyncio.sleep(0, release.is_set()), lambda done: done, what="two claims")
+        after = scans
+        await eventually(lambda: asyncio.sleep(0, scans), lambda n: n > after, what="the scan after them")
+    assert handed_back == [handed_back[0]] * 2
+    assert calls == [1]
+    assert (runner.stats.handled, runner.stats.duplicates) == (1, 0)
+    assert len(await emitted(redis, "Pong")) == 1
+
+
 async def test_a_failing_handler_is_retried_then_dead_lettered_and_later_messages_go_on(
     redis: Redis, redis_url: str
 ) -> None:
@@ -273,6 +323,129 @@ async def test_an_invalid_reply_payload_is_a_failure_of_the_handler(redis: Redis
         [dead] = await eventually(lambda: dead_letters(redis), lambda found: len(found) == 1, what="a dead letter")
     assert dead["reason"].startswith("gave up after 2 deliveries: PayloadError: invalid PaymentCaptured payload at")
     assert await emitted(redis, "PaymentCaptured") == []
+
+
+async def test_a_handler_parses_the_very_payload_model_validated_at_decode(redis: Redis, redis_url: str) -> None:
+    seen: list[tuple[BaseModel | None, OrderSubmitted, OrderSubmitted]] = []
+    plain: list[BaseModel | None] = []
+    typed = Participant("typed")
+
+    @typed.on("OrderSubmitted")
+    async def submitted(msg: Message) -> None:
+        seen.append((msg.payload_model, msg.parse(OrderSubmitted), msg.parse(OrderSubmitted)))
+
+    @typed.on("Ping")
+    async def ping(msg: Message) -> None:
+        plain.append(msg.payload_model)
+
+    async with running(typed, fast_settings(redis_url)) as runner:
+        await publish(redis, envelope("OrderSubmitted", {"order": order(("SKU-1", 2, "5.00"))}))
+        await publish(redis, envelope("Ping", {"n": 1}))
+        await eventually(lambda: asyncio.sleep(0, runner.stats.handled), lambda n: n == 2, what="both handled")
+    [(decoded, first, second)] = seen
+    assert type(decoded) is OrderSubmitted
+    assert first is decoded
+    assert second is decoded
+    assert decoded.order.items[0].sku == "SKU-1"
+    assert plain == [None]  # a type without a registered model: nothing was validated, nothing kept
+
+
+async def test_a_reply_model_is_emitted_as_its_json_dump(redis: Redis, redis_url: str) -> None:
+    pay = Participant("pay")
+
+    @pay.on("OrderSubmitted")
+    async def capture(msg: Message) -> Reply:
+        placed = msg.parse(OrderSubmitted).order
+        return Reply("PaymentCaptured", PaymentCaptured(order=placed, payment_id="pay-1", amount=placed.total()))
+
+    incoming = envelope("OrderSubmitted", {"order": order(("SKU-1", 2, "5.25"), order_id=None)})
+    async with running(pay, fast_settings(redis_url)):
+        await publish(redis, incoming)
+        [captured] = await eventually(
+            lambda: emitted(redis, "PaymentCaptured"), lambda found: len(found) == 1, what="a PaymentCaptured"
+        )
+    expected = PaymentCaptured(
+        order=OrderSubmitted.model_validate(incoming.payload).order, payment_id="pay-1", amount=Decimal("10.50")
+    )
+    assert captured.payload == expected.model_dump(mode="json", exclude_none=True)
+    assert "order_id" not in captured.payload["order"]  # None fields are left out, as before
+    assert PaymentCaptured.model_validate(captured.payload) == expected
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (
+            {"order": order(("SKU-1", 1, "1.00")), "payment_id": "p", "amount": "-3"},
+            "PayloadError: invalid PaymentCaptured payload at payload.amount: Input should be greater than or equal",
+        ),
+        (ShipmentFailed(reason="wrong model"), "PayloadError: invalid PaymentCaptured payload at payload.order:"),
+    ],
+)
+async def test_a_reply_that_is_not_the_registered_model_is_still_checked_before_it_is_emitted(
+    redis: Redis, redis_url: str, payload: BaseModel | dict[str, object], reason: str
+) -> None:
+    buggy = Participant("buggy")
+
+    @buggy.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        return Reply("PaymentCaptured", payload)
+
+    async with running(buggy, fast_settings(redis_url, max_deliveries=1)):
+        await publish(redis, envelope("Ping"))
+        [dead] = await eventually(lambda: dead_letters(redis), lambda found: len(found) == 1, what="a dead letter")
+    assert dead["reason"].startswith(f"gave up after 1 deliveries: {reason}"), dead["reason"]
+    assert await emitted(redis, "PaymentCaptured") == []
+
+
+async def test_making_a_parsed_model_invalid_fails_the_handler(redis: Redis, redis_url: str) -> None:
+    # the decoded model is shared with the handler; assignments to it are validated
+    sloppy = Participant("sloppy")
+
+    @sloppy.on("OrderSubmitted")
+    async def capture(msg: Message) -> Reply:
+        placed = msg.parse(OrderSubmitted).order
+        placed.currency = "XXX"
+        return Reply("PaymentCaptured", PaymentCaptured(order=placed, payment_id="p", amount=placed.total()))
+
+    async with running(sloppy, fast_settings(redis_url, max_deliveries=1)):
+        await publish(redis, envelope("OrderSubmitted", {"order": order(("SKU-1", 1, "1.00"))}))
+        [dead] = await eventually(lambda: dead_letters(redis), lambda found: len(found) == 1, what="a dead letter")
+    assert dead["reason"].startswith(
+        "gave up after 1 deliveries: ValidationError: 1 validation error for Order\ncurrency"
+    )
+    assert await emitted(redis, "PaymentCaptured") == []
+
+
+async def test_overrunning_handlers_fail_as_timeouts_and_a_handlers_own_timeout_error_as_an_error(
+    redis: Redis, redis_url: str
+) -> None:
+    mixed = Participant("mixed")
+
+    @mixed.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        kind = msg.payload["kind"]
+        if kind == "stuck":
+            await asyncio.Event().wait()  # never finishes on its own
+        if kind == "own":
+            raise TimeoutError("the bank did not answer")
+        return Reply("Pong", {"n": msg.payload["n"]})
+
+    kinds = ["stuck", "own", "quick"] * 10
+    for n, kind in enumerate(kinds):
+        await publish(redis, envelope("Ping", {"kind": kind, "n": n}))  # waiting before the runner starts: one batch
+    started = time.monotonic()
+    async with running(mixed, fast_settings(redis_url, max_deliveries=1, handler_timeout_s=0.2)) as runner:
+        found = await eventually(lambda: dead_letters(redis), lambda found: len(found) == 20, what="20 dead letters")
+        assert time.monotonic() - started >= 0.2
+    reasons = sorted(dead["reason"] for dead in found)
+    assert reasons == sorted(
+        ["gave up after 1 deliveries: handler did not finish within 0.2s"] * 10
+        + ["gave up after 1 deliveries: TimeoutError: the bank did not answer"] * 10
+    )
+    pongs = await emitted(redis, "Pong")
+    assert sorted(pong.payload["n"] for pong in pongs) == [n for n, kind in enumerate(kinds) if kind == "quick"]
+    assert (runner.stats.handled, runner.stats.dead_lettered) == (10, 20)
 
 
 async def test_several_replies_get_distinct_ids_and_no_reply_just_acks(redis: Redis, redis_url: str) -> None:
