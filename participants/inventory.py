@@ -72,7 +72,7 @@ def build(default_stock: int = DEFAULT_STOCK) -> Participant:
     """The inventory participant; a SKU never seen before starts with ``default_stock`` units."""
     inventory = Participant(ledger.INVENTORY)
 
-    @inventory.on("PaymentCaptured")
+    @inventory.on("PaymentCaptured", idempotent=True)  # effects recorded once per workflow
     async def reserve(msg: Message) -> Reply:
         order = msg.parse(PaymentCaptured).order
         items: dict[str, int] = {}
@@ -102,7 +102,7 @@ def build(default_stock: int = DEFAULT_STOCK) -> Participant:
         assert stored.reservation_id is not None
         return Reply("InventoryReserved", InventoryReserved(order=order, reservation_id=stored.reservation_id))
 
-    @inventory.compensates("ReleaseInventory")
+    @inventory.compensates("ReleaseInventory", idempotent=True)  # effects recorded once per workflow
     async def release(msg: Message) -> Reply:
         command = msg.parse(CompensationCommand)
         outcome = await _RELEASE(

@@ -25,7 +25,7 @@ def build(fail_customers: Iterable[str] = ()) -> Participant:
     failing = frozenset(fail_customers)
     notification = Participant(ledger.NOTIFICATION)
 
-    @notification.on("ShipmentScheduled")
+    @notification.on("ShipmentScheduled", idempotent=True)  # effects recorded once per workflow
     async def notify(msg: Message) -> Reply:
         order = msg.parse(ShipmentScheduled).order
         if order.customer_id in failing:

@@ -35,7 +35,7 @@ def build(limit: Decimal = DEFAULT_LIMIT, refund_fail_customers: tuple[str, ...]
     """
     payment = Participant(ledger.PAYMENT)
 
-    @payment.on("OrderSubmitted")
+    @payment.on("OrderSubmitted", idempotent=True)  # effects recorded once per workflow
     async def capture(msg: Message) -> Reply:
         order = msg.parse(OrderSubmitted).order
         total = order.total()
@@ -59,7 +59,7 @@ def build(limit: Decimal = DEFAULT_LIMIT, refund_fail_customers: tuple[str, ...]
         captured = PaymentCaptured(order=order, payment_id=stored.payment_id, amount=ledger.amount(stored.amount_cents))
         return Reply("PaymentCaptured", captured)
 
-    @payment.compensates("RefundPayment")
+    @payment.compensates("RefundPayment", idempotent=True)  # effects recorded once per workflow
     async def refund(msg: Message) -> Reply:
         command = msg.parse(CompensationCommand)
         customer = (command.completed.get("order") or {}).get("customer_id")

@@ -31,7 +31,7 @@ def build(countries: Iterable[str] = DEFAULT_COUNTRIES) -> Participant:
     supported = tuple(country.upper() for country in countries)
     shipping = Participant(ledger.SHIPPING)
 
-    @shipping.on("InventoryReserved")
+    @shipping.on("InventoryReserved", idempotent=True)  # effects recorded once per workflow
     async def schedule(msg: Message) -> Reply:
         order = msg.parse(InventoryReserved).order
         country = order.ship_to.country
@@ -47,7 +47,7 @@ def build(countries: Iterable[str] = DEFAULT_COUNTRIES) -> Participant:
         stored = await ledger.record_once(msg.redis, ledger.SHIPMENTS, msg.correlation_id, record)
         return Reply("ShipmentScheduled", ShipmentScheduled(order=order, shipment_id=stored.shipment_id))
 
-    @shipping.compensates("CancelShipment")
+    @shipping.compensates("CancelShipment", idempotent=True)  # effects recorded once per workflow
     async def cancel(msg: Message) -> Reply:
         command = msg.parse(CompensationCommand)
         record = Cancellation(reason=command.reason)

@@ -150,6 +150,9 @@ class Subscription:
     type: str
     handler: Handler
     compensation: bool = False
+    idempotent: bool = False
+    """The handler's effects are idempotent by themselves: on a first delivery the
+    runner skips the outcome-record look-up (one round trip per batch)."""
 
 
 class Participant:
@@ -170,23 +173,32 @@ class Participant:
     def __repr__(self) -> str:
         return f"Participant({self.name!r}, types={list(self._subscriptions)})"
 
-    def on(self, message_type: str) -> Callable[[HandlerT], HandlerT]:
-        """Register the decorated function as the handler of ``message_type`` events."""
-        return self._register(message_type, compensation=False)
+    def on(self, message_type: str, *, idempotent: bool = False) -> Callable[[HandlerT], HandlerT]:
+        """Register the decorated function as the handler of ``message_type`` events.
 
-    def compensates(self, command_type: str) -> Callable[[HandlerT], HandlerT]:
+        ``idempotent=True`` promises that running the handler again for a message it
+        has already handled changes nothing (its effects are keyed by the workflow,
+        say): the runner then looks the outcome record up only for redeliveries, not
+        for first deliveries, which saves a round trip per batch.  A duplicate of a
+        handled message may then run the handler again; its replies are still
+        emitted only once.
+        """
+        return self._register(message_type, compensation=False, idempotent=idempotent)
+
+    def compensates(self, command_type: str, *, idempotent: bool = False) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler of the ``command_type``
-        compensation command (it undoes this participant's effect for the workflow)."""
-        return self._register(command_type, compensation=True)
+        compensation command (it undoes this participant's effect for the workflow);
+        ``idempotent`` as for :meth:`on`."""
+        return self._register(command_type, compensation=True, idempotent=idempotent)
 
-    def _register(self, message_type: str, *, compensation: bool) -> Callable[[HandlerT], HandlerT]:
+    def _register(self, message_type: str, *, compensation: bool, idempotent: bool) -> Callable[[HandlerT], HandlerT]:
         if not naming.is_valid_name(message_type):
             raise ValueError(f"{message_type!r} is not a valid message type")
         if message_type in self._subscriptions:
             raise ValueError(f"{self.name} already handles {message_type!r}")
 
         def register(handler: HandlerT) -> HandlerT:
-            self._subscriptions[message_type] = Subscription(message_type, handler, compensation)
+            self._subscriptions[message_type] = Subscription(message_type, handler, compensation, idempotent)
             return handler
 
         return register

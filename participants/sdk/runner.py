@@ -430,13 +430,21 @@ class Runner:
             self._in_flight.difference_update((entry.stream, entry.id) for entry in entries)
 
     async def _already_handled(self, valid: list[_Decoded]) -> list[bool]:
-        if not valid:
-            return []
+        """Whether each message's outcome is recorded already; not looked up for the
+        first delivery of a message whose handler is idempotent (it may run again)."""
+        subscriptions = self.participant.subscriptions
+        look_up = [
+            not (entry.deliveries == 1 and subscriptions[envelope.type].idempotent) for entry, envelope, _ in valid
+        ]
+        if not any(look_up):
+            return [False] * len(valid)
         name = self.participant.name
         async with self.redis.pipeline(transaction=False) as pipe:
-            for entry, envelope, _ in valid:
-                pipe.exists(naming.outcome_key(entry.partition, name, envelope.message_id))
-            return [bool(found) for found in await pipe.execute()]
+            for (entry, envelope, _), needed in zip(valid, look_up, strict=True):
+                if needed:
+                    pipe.exists(naming.outcome_key(entry.partition, name, envelope.message_id))
+            found = iter(await pipe.execute())
+        return [bool(next(found)) if needed else False for needed in look_up]
 
     async def _handle(self, entry: Entry, envelope: Envelope, parsed: Wire | None = None) -> _Result:
         extra: dict[str, object] = {

@@ -533,3 +533,45 @@ async def test_original_fields_are_kept_in_the_dead_letter(redis: Redis, redis_u
         [dead] = await eventually(lambda: dead_letters(redis), lambda found: len(found) == 1, what="a dead letter")
     assert original_type(dead) == "Ping"
     assert dead["f:correlation_id"] == incoming.correlation_id
+
+
+def idempotent_echo(calls: list[Message]) -> Participant:
+    echoing = Participant("echo")
+
+    @echoing.on("Ping", idempotent=True)
+    async def ping(msg: Message) -> Reply:
+        calls.append(msg)
+        return Reply("Pong", msg.payload)
+
+    return echoing
+
+
+async def test_an_idempotent_handler_may_run_again_for_a_duplicate_whose_replies_are_emitted_once(
+    redis: Redis, redis_url: str
+) -> None:
+    calls: list[Message] = []
+    incoming = envelope("Ping", {"n": 1})
+    async with running(idempotent_echo(calls), fast_settings(redis_url)) as runner:
+        await publish(redis, incoming)
+        await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 1, what="a Pong")
+        await publish(redis, incoming)  # a producer's retried XADD: a first delivery of a handled message
+        await eventually(lambda: asyncio.sleep(0, runner.stats.duplicates), lambda n: n == 1, what="the duplicate")
+    assert len(calls) == 2  # no look-up on a first delivery: the handler ran again...
+    assert len(await emitted(redis, "Pong")) == 1  # ...and the commit's outcome record kept its reply out
+    assert await pending_count(redis, stream_of(incoming), "echo") == 0
+
+
+async def test_an_idempotent_handler_is_not_run_again_for_a_redelivery(redis: Redis, redis_url: str) -> None:
+    calls: list[Message] = []
+    incoming = envelope("Ping")
+    stream = stream_of(incoming)
+    await publish(redis, incoming)
+    dead = GroupReader(redis, "echo", "dead", [stream], block_ms=10)
+    await dead.ensure_groups()
+    assert len(await dead.read()) == 1  # a consumer that dies holding the entry
+    await publish(redis, incoming)  # the same message again, handled by the live consumer
+    async with running(idempotent_echo(calls), fast_settings(redis_url)) as runner:
+        await eventually(lambda: pending_count(redis, stream, "echo"), lambda n: n == 0, what="the takeover")
+    assert len(calls) == 1  # the taken-over entry is a redelivery: looked up, found handled, only acked
+    assert len(await emitted(redis, "Pong")) == 1
+    assert runner.stats.duplicates == 1
