@@ -24,12 +24,22 @@ from participants.sdk.consumer import RetryPolicy
 from tests.conftest import eventually
 
 P = 4
+HAPPY = ("OrderSubmitted", "PaymentCaptured", "InventoryReserved", "ShipmentScheduled", "CustomerNotified")
 ORDER = {
     "customer_id": "c-1",
     "items": [{"sku": "A", "quantity": 1, "unit_price": "5.00"}],
     "currency": "USD",
     "ship_to": {"country": "US"},
 }
+
+
+async def assert_happy_history(store: WorkflowStore, workflow_id: str) -> None:
+    """The workflow's history is the order saga's happy path, each event once, in order."""
+    history = await store.history(workflow_id)
+    assert [h.type for h in history] == list(HAPPY)
+    assert [h.seq for h in history] == list(range(len(HAPPY)))
+
+
 VALID = {
     "PaymentCaptured": {"order": ORDER, "payment_id": "pay-1", "amount": "5.00"},
     "InventoryReserved": {"order": ORDER, "reservation_id": "res-1"},
@@ -117,15 +127,7 @@ async def test_a_full_saga_is_correlated_to_completion(store: WorkflowStore, run
         await emit(store, envelope(instance, event))
     done = await eventually(lambda: store.load(instance.id), status_is(WorkflowStatus.COMPLETED))
     assert done is not None
-    history = await store.history(instance.id)
-    assert [h.type for h in history] == [
-        "OrderSubmitted",
-        "PaymentCaptured",
-        "InventoryReserved",
-        "ShipmentScheduled",
-        "CustomerNotified",
-    ]
-    assert [h.seq for h in history] == list(range(5))
+    await assert_happy_history(store, instance.id)
     assert done.events == 5
     listed = await store.list(WorkflowStatus.COMPLETED)
     assert [w.id for w in listed] == [instance.id]
@@ -390,15 +392,7 @@ async def test_two_controllers_with_caches_of_their_own_apply_each_event_exactly
         for instance in instances:
             await eventually(lambda i=instance: stores[0].load(i.id), status_is(WorkflowStatus.COMPLETED))  # type: ignore[misc]
     for instance in instances:
-        history = await stores[0].history(instance.id)
-        assert [h.type for h in history] == [
-            "OrderSubmitted",
-            "PaymentCaptured",
-            "InventoryReserved",
-            "ShipmentScheduled",
-            "CustomerNotified",
-        ]
-        assert [h.seq for h in history] == list(range(5))
+        await assert_happy_history(stores[0], instance.id)
     assert sum(w.applied for w in workers) == 20 * 4
     assert sum(w.duplicates for w in workers) == 0
 

@@ -15,14 +15,7 @@ from contracts.envelope import utcnow
 from controller.instance import Instance
 from controller.store import IdempotencyConflict, WorkflowStore, workflow_id_for
 from participants.sdk.commit import Commit, CommitResult, CommitScript
-
-P = 4
-ORDER = {
-    "customer_id": "c-1",
-    "items": [{"sku": "A", "quantity": 1, "unit_price": "5.00"}],
-    "currency": "USD",
-    "ship_to": {"country": "US"},
-}
+from tests.controller.test_correlator import ORDER, P
 
 
 class CountingScript(CommitScript):

@@ -38,11 +38,11 @@ SLOW_WORK_S = 1.0  # a handler that runs longer than a peer's claim time
 WORK_S = 0.05  # a handler's work, long enough for handlers to overlap
 
 
-def echo(calls: list[Message]) -> Participant:
+def echo(calls: list[Message], *, idempotent: bool = False) -> Participant:
     """Answers every Ping with a Pong; also subscribes to OrderSubmitted (a type with a schema)."""
     p = Participant("echo")
 
-    @p.on("Ping")
+    @p.on("Ping", idempotent=idempotent)
     async def ping(msg: Message) -> Reply:
         calls.append(msg)
         return Reply("Pong", {"n": msg.payload.get("n")})
@@ -79,17 +79,24 @@ async def test_a_reply_carries_the_workflow_and_a_derived_id_and_the_entry_is_ac
     assert runner.stats.emitted == 1
 
 
-async def test_a_redelivered_message_id_is_acked_without_running_the_handler_again(
-    redis: Redis, redis_url: str
+@pytest.mark.parametrize(
+    ("idempotent", "runs"),
+    [
+        (False, 1),  # looked up first: acked without running the handler again
+        (True, 2),  # no look-up on a first delivery: the handler runs again, its replies are not emitted again
+    ],
+)
+async def test_a_message_written_twice_is_emitted_once(
+    redis: Redis, redis_url: str, idempotent: bool, runs: int
 ) -> None:
     calls: list[Message] = []
     incoming = envelope("Ping", {"n": 1})
-    async with running(echo(calls), fast_settings(redis_url)) as runner:
+    async with running(echo(calls, idempotent=idempotent), fast_settings(redis_url)) as runner:
         await publish(redis, incoming)
         await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 1, what="a Pong")
         await publish(redis, incoming)  # a producer's retried XADD: a new entry, the same message
         await eventually(lambda: asyncio.sleep(0, runner.stats.duplicates), lambda n: n == 1, what="the duplicate")
-    assert len(calls) == 1
+    assert len(calls) == runs
     assert len(await emitted(redis, "Pong")) == 1
     assert await pending_count(redis, stream_of(incoming), "echo") == 0
 
@@ -535,32 +542,6 @@ async def test_original_fields_are_kept_in_the_dead_letter(redis: Redis, redis_u
     assert dead["f:correlation_id"] == incoming.correlation_id
 
 
-def idempotent_echo(calls: list[Message]) -> Participant:
-    echoing = Participant("echo")
-
-    @echoing.on("Ping", idempotent=True)
-    async def ping(msg: Message) -> Reply:
-        calls.append(msg)
-        return Reply("Pong", msg.payload)
-
-    return echoing
-
-
-async def test_an_idempotent_handler_may_run_again_for_a_duplicate_whose_replies_are_emitted_once(
-    redis: Redis, redis_url: str
-) -> None:
-    calls: list[Message] = []
-    incoming = envelope("Ping", {"n": 1})
-    async with running(idempotent_echo(calls), fast_settings(redis_url)) as runner:
-        await publish(redis, incoming)
-        await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 1, what="a Pong")
-        await publish(redis, incoming)  # a producer's retried XADD: a first delivery of a handled message
-        await eventually(lambda: asyncio.sleep(0, runner.stats.duplicates), lambda n: n == 1, what="the duplicate")
-    assert len(calls) == 2  # no look-up on a first delivery: the handler ran again...
-    assert len(await emitted(redis, "Pong")) == 1  # ...and the commit's outcome record kept its reply out
-    assert await pending_count(redis, stream_of(incoming), "echo") == 0
-
-
 async def test_an_idempotent_handler_is_not_run_again_for_a_redelivery(redis: Redis, redis_url: str) -> None:
     calls: list[Message] = []
     incoming = envelope("Ping")
@@ -570,7 +551,7 @@ async def test_an_idempotent_handler_is_not_run_again_for_a_redelivery(redis: Re
     await dead.ensure_groups()
     assert len(await dead.read()) == 1  # a consumer that dies holding the entry
     await publish(redis, incoming)  # the same message again, handled by the live consumer
-    async with running(idempotent_echo(calls), fast_settings(redis_url)) as runner:
+    async with running(echo(calls, idempotent=True), fast_settings(redis_url)) as runner:
         await eventually(lambda: pending_count(redis, stream, "echo"), lambda n: n == 0, what="the takeover")
     assert len(calls) == 1  # the taken-over entry is a redelivery: looked up, found handled, only acked
     assert len(await emitted(redis, "Pong")) == 1
