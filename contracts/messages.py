@@ -64,9 +64,8 @@ Money = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=2)]
 class Wire(BaseModel):
     """Base of every stream payload: unknown fields are ignored.
 
-    Assignments are validated too, so a payload model stays valid after it is
-    built (unless built with ``model_construct``/``model_copy(update=…)`` or its
-    lists changed in place): emitting one needs no second validation.
+    Assignments are validated too, so a handler that changes a parsed payload
+    fails at the assignment that breaks it.
     """
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
@@ -299,10 +298,3 @@ def parse_payload(message_type: str, payload: dict[str, Any]) -> Wire | None:
 def validate_payload(message_type: str, payload: dict[str, Any]) -> None:
     """Raise :class:`PayloadError` if ``payload`` does not fit ``message_type``."""
     parse_payload(message_type, payload)
-
-
-def is_registered_model(message_type: str, payload: object) -> bool:
-    """Whether ``payload`` is an instance of exactly the registered model of
-    ``message_type``: pydantic validated it when it was built (and validates any
-    assignment to it since, see :class:`Wire`), so it needs no second check."""
-    return type(payload) is PAYLOADS.get(message_type)

@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 
 from contracts import naming
 from contracts.envelope import Envelope, WorkflowRef
-from contracts.messages import first_error, is_registered_model, validate_payload
+from contracts.messages import first_error, validate_payload
 from participants.sdk.errors import Reject
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -61,13 +61,12 @@ class Reply:
         """:meth:`payload_dict`, checked against the schema of ``type`` (:data:`contracts.messages.PAYLOADS`);
         raises :class:`~contracts.messages.PayloadError` if it does not fit.
 
-        A payload that is an instance of exactly the registered model was validated
-        when it was built, so it is only dumped; anything else (a mapping, another
-        model) is validated.
+        A model is checked too, even one of the registered class: ``model_copy(update=…)``,
+        ``model_construct`` or an in-place change of a list would otherwise put an
+        unvalidated payload on the wire.
         """
         payload = self.payload_dict()
-        if not is_registered_model(self.type, self.payload):
-            validate_payload(self.type, payload)
+        validate_payload(self.type, payload)
         return payload
 
 

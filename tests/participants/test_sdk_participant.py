@@ -118,12 +118,16 @@ async def test_parse_returns_the_model_validated_at_decode_for_the_registered_mo
     assert parsed == decoded
 
 
-def test_a_reply_of_the_registered_model_is_dumped_without_a_second_validation() -> None:
+def test_a_reply_of_the_registered_model_is_checked_too() -> None:
     declined = PaymentDeclined(reason="over the limit", amount=Decimal("1200.00"))
     assert Reply("PaymentDeclined", declined).checked_payload() == {"reason": "over the limit", "amount": "1200.00"}
-    # model_construct skips validation, and nothing checks it again: what the docs warn about
-    unchecked = PaymentDeclined.model_construct(reason="r", amount=Decimal("-1"))
-    assert Reply("PaymentDeclined", unchecked).checked_payload() == {"reason": "r", "amount": "-1"}
+    # ways to hold a model of the registered class that pydantic never validated
+    for unchecked in (
+        PaymentDeclined.model_construct(reason="r", amount=Decimal("-1")),
+        declined.model_copy(update={"amount": Decimal("-1")}),
+    ):
+        with pytest.raises(PayloadError, match=r"payload\.amount"):
+            Reply("PaymentDeclined", unchecked).checked_payload()
 
 
 @pytest.mark.parametrize(
