@@ -7,7 +7,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import orjson
@@ -56,6 +56,15 @@ def workflow_id_for(definition: str, idempotency_key: str | None) -> str:
     if idempotency_key is None:
         return uuid.uuid4().hex
     return uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{definition}\x00{idempotency_key}").hex
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def mark(instance: Instance) -> str:
+    """What tells two states of one version apart: when the state was decided, in µs."""
+    return str((instance.updated_at - _EPOCH) // _MICROSECOND)
 
 
 def _ms(moment: datetime) -> int:
@@ -195,7 +204,12 @@ class WorkflowStore:
         the collector and the allocator more than a read from Redis saves.
         """
         after = result.instance
-        if after.status not in TERMINAL and (before is None or self.cache.holds(before)):
+        if after.status not in TERMINAL and before is None:
+            # a new instance replaces whatever was kept under its id: an Idempotency-Key
+            # reused after the workflow expired starts it again at version 1
+            self.cache.forget(after.id)
+            self.cache.put(after)
+        elif after.status not in TERMINAL and before is not None and self.cache.holds(before):
             self.cache.put(after)
         else:
             self.cache.forget(after.id)
@@ -220,13 +234,16 @@ class WorkflowStore:
         inst_key = naming.instance_key(p, instance.id)
         seen = naming.seen_key(p, instance.id)
         hist = naming.history_key(p, instance.id)
-        commit = Commit().guard(inst_key, before.version if before else 0)
+        # the version and the mark of the state decided on: a cached instance whose
+        # workflow took another course at the same version (its data lost in a failover,
+        # or expired and started again) is refused, not committed on top of
+        commit = Commit().guard(inst_key, before.version if before else 0, mark(before) if before else "")
         incoming = next((h for h in result.history if h.direction == "in"), None)
         dedupe_id = incoming.message_id if incoming else result.history[0].message_id
         commit.dedupe(seen, dedupe_id)
         if after is not None:
             commit.requires(seen, after)
-        commit.hset(inst_key, {"v": str(instance.version), "s": instance.model_dump_json()})
+        commit.hset(inst_key, {"v": str(instance.version), "m": mark(instance), "s": instance.model_dump_json()})
         lines = [entry.model_dump_json() for entry in result.history]
         commit.rpush(hist, *lines)
         for message in result.outgoing:

@@ -5,7 +5,8 @@
 --   indexes into KEYS), in this order when present:
 --     dedupe k member   skip the whole commit if member is in set k
 --     once k value      skip the whole commit if k exists (returns its value)
---     guard k expected  hash field 'v' of k must equal expected (0 = absent)
+--     guard k expected mark  hash field 'v' of k must equal expected (0 = absent), and
+--                       field 'm' must equal mark when mark is not '' and 'm' exists
 --     requires k member member must already be in set k (an earlier commit applied)
 --   then the writes, each a name, a count n and n arguments, applied in order:
 --     hset k f v ...   rpush k v ...   xadd k maxlen|'' f v ...   xdel k id
@@ -43,11 +44,15 @@ while true do
     i = i + 3
   elseif op == 'guard' then
     guarded = KEYS[tonumber(argv[i + 1])]
-    local current = redis.call('HGET', guarded, 'v') or '0'
+    local state = redis.call('HMGET', guarded, 'v', 'm')
+    local current = state[1] or '0'
     if tonumber(current) ~= tonumber(argv[i + 2]) then
       return {'conflict', current}
     end
-    i = i + 3
+    if argv[i + 3] ~= '' and state[2] and state[2] ~= argv[i + 3] then
+      return {'conflict', current}
+    end
+    i = i + 4
   elseif op == 'requires' then
     local set = KEYS[tonumber(argv[i + 1])]
     if redis.call('SISMEMBER', set, argv[i + 2]) == 0 then

@@ -52,7 +52,7 @@ class Commit:
 
     keys: list[str] = field(default_factory=list)
     _index: dict[str, int] = field(default_factory=dict)
-    _checks: dict[str, tuple[str, str | bytes]] = field(default_factory=dict)
+    _checks: dict[str, tuple[str | bytes, ...]] = field(default_factory=dict)
     _writes: dict[str, list[list[str | bytes]]] = field(default_factory=dict)
     _acks: list[str] = field(default_factory=list)
 
@@ -97,9 +97,10 @@ class Commit:
         self._checks["requires"] = (self._k(key), member)
         return self
 
-    def guard(self, key: str, expected_version: int) -> Commit:
-        """Compare-and-set: hash field ``v`` of ``key`` must be ``expected_version`` (0 = no such hash)."""
-        self._checks["guard"] = (self._k(key), str(expected_version))
+    def guard(self, key: str, expected_version: int, expected_mark: str = "") -> Commit:
+        """Compare-and-set: hash field ``v`` of ``key`` must be ``expected_version`` (0 = no such
+        hash) and, when ``expected_mark`` is given and the hash has field ``m``, ``m`` must equal it."""
+        self._checks["guard"] = (self._k(key), str(expected_version), expected_mark)
         return self
 
     def hset(self, key: str, mapping: dict[str, str]) -> Commit:

@@ -413,3 +413,45 @@ async def test_a_cached_workflow_that_expired_in_redis_is_not_brought_back(
     assert await store.load(instance.id) is None
     assert store.cache.get(instance.id) is None
     assert running.conflicts == 1
+
+
+async def test_a_cached_instance_whose_workflow_took_another_course_at_the_same_version_is_refused(
+    redis: Redis,
+) -> None:
+    first, second = WorkflowStore(redis, P), WorkflowStore(redis, P)
+    old, _ = await first.start(ORDER_SAGA, {"order": ORDER}, utcnow(), idempotency_key="k-1")
+    assert first.cache.get(old.id) is old  # first runs it, at version 1
+    p = first.partition(old.id)
+    await redis.delete(*(key(p, old.id) for key in (naming.instance_key, naming.seen_key, naming.history_key)))
+    # expired, and started again with the same key elsewhere: the same id at the same version, another order
+    other = {**ORDER, "customer_id": "c-2"}
+    new, created = await second.start(ORDER_SAGA, {"order": other}, utcnow(), idempotency_key="k-1")
+    assert (created, new.id, new.version) == (True, old.id, old.version)
+
+    a = correlator(first, "a")
+    async with correlating(a):
+        await emit(first, envelope(new, "PaymentCaptured"))
+        await eventually(lambda: first.load(new.id), lambda i: i is not None and i.version == 2)
+
+    assert a.conflicts == 1  # decided on the stale copy: refused, reloaded, decided again
+    done = await first.load(new.id)
+    assert done is not None
+    assert done.input["order"]["customer_id"] == "c-2"  # the new workflow's state, not the old one's
+    assert [h.type for h in await first.history(new.id)] == ["OrderSubmitted", "PaymentCaptured"]
+
+
+async def test_a_start_replaces_what_the_cache_kept_under_its_id(redis: Redis) -> None:
+    store = WorkflowStore(redis, P)
+    old, _ = await store.start(ORDER_SAGA, {"order": ORDER}, utcnow(), idempotency_key="k-2")
+    a = correlator(store, "a")
+    async with correlating(a):  # moves it to version 2, still cached
+        await emit(store, envelope(old, "PaymentCaptured"))
+        await eventually(lambda: store.load(old.id), lambda i: i is not None and i.version == 2)
+    assert store.cache.get(old.id) is not None
+    p = store.partition(old.id)
+    await redis.delete(*(key(p, old.id) for key in (naming.instance_key, naming.seen_key, naming.history_key)))
+
+    new, created = await store.start(ORDER_SAGA, {"order": ORDER}, utcnow(), idempotency_key="k-2")
+
+    assert created
+    assert store.cache.get(new.id) is new  # not the version-2 instance of the expired workflow
