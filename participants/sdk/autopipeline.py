@@ -94,7 +94,8 @@ class AutoPipelineRedis(Redis):
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         name = args[0]
-        if name in OWN_CONNECTION or (name in _BLOCKING_WITH_OPTION and b"BLOCK" in args):
+        command = (name.decode() if isinstance(name, bytes) else str(name)).upper()  # as the server reads it
+        if command in OWN_CONNECTION or (command in _BLOCKING_WITH_OPTION and _blocks(args)):
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         loop = asyncio.get_running_loop()
         reply = loop.create_future()
@@ -149,3 +150,8 @@ class AutoPipelineRedis(Redis):
         while self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
         await super().aclose(close_connection_pool=close_connection_pool)
+
+
+def _blocks(args: tuple[Any, ...]) -> bool:
+    """Whether an XREAD or XREADGROUP carries the BLOCK option, in any spelling."""
+    return any(isinstance(arg, str | bytes) and len(arg) == 5 and arg.upper() in ("BLOCK", b"BLOCK") for arg in args)

@@ -140,12 +140,16 @@ async def test_blocking_commands_take_their_own_connection(counted: Counted, red
     # issued in the same tick: pipelined together, the GET would wait for the BLPOP
     blocked = asyncio.ensure_future(auto.blpop(["queue"], timeout=10))
     read = asyncio.ensure_future(auto.xread({"stream": "$"}, block=10_000))
+    raw = asyncio.ensure_future(auto.execute_command("xread", "block", 10_000, "streams", "raw", "$"))  # any case
     got = asyncio.ensure_future(auto.get("x"))
     assert await asyncio.wait_for(got, 5) == b"1"
     assert not blocked.done()
     assert not read.done()
+    assert not raw.done()
     await redis.rpush("queue", "item")
     await redis.xadd("stream", {"f": "v"})
+    await redis.xadd("raw", {"g": "w"})
+    assert (await asyncio.wait_for(raw, 5))[0][0] == b"raw"
     assert await asyncio.wait_for(blocked, 5) == (b"queue", b"item")
     entries = await asyncio.wait_for(read, 5)
     assert isinstance(entries, list)
