@@ -65,24 +65,22 @@ async def until_signalled(work: Callable[[asyncio.Event], Awaitable[T]]) -> T:
 # --- argument types ----------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
+def _integer(text: str, minimum: int, below: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{below}: {text!r}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1, "must be positive")
 
 
 def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
+    return _integer(text, 0, "must not be negative")
 
 
 def _port(text: str) -> int:

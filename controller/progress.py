@@ -117,6 +117,15 @@ def line_of_record(fields: dict[bytes, bytes]) -> ProgressLine:
     return ProgressLine(workflow_id, fields[b"status"].decode(), int(fields[b"seq"]), fields[b"type"].decode(), data)
 
 
+def _line_or_none(fields: dict[bytes, bytes], entry_id: Any, stream: str | bytes) -> ProgressLine | None:
+    """A progress record's line; None (and a warning) for a malformed record, which is skipped."""
+    try:
+        return line_of_record(fields)
+    except (KeyError, ValueError) as exc:
+        log.warning("skipping malformed progress record %s of %s: %r", entry_id, stream, exc)
+        return None
+
+
 def line_of_history(instance: Instance, raw: bytes) -> ProgressLine:
     """A line of the workflow's history list, exactly as the live record of it would be."""
     entry = orjson.loads(raw)
@@ -519,10 +528,8 @@ class ProgressHub:
                 matching = [group for group in groups if group.filter.matches(fields)] if groups else []
                 if not watchers and not matching:
                     continue
-                try:
-                    line = line_of_record(fields)
-                except (KeyError, ValueError) as exc:
-                    log.warning("skipping malformed progress record %s of %s: %r", entry_id, stream, exc)
+                line = _line_or_none(fields, entry_id, stream)
+                if line is None:
                     continue
                 for watcher in list(watchers or ()):
                     self._put(watcher, line)
@@ -765,10 +772,8 @@ async def _catch_up(
                 positions[partition] = _position(entry_id)
                 if not feed_filter.matches(fields):
                     continue
-                try:
-                    line = line_of_record(fields)
-                except (KeyError, ValueError) as exc:
-                    log.warning("skipping malformed progress record %s of %s: %r", entry_id, stream, exc)
+                line = _line_or_none(fields, entry_id, stream)
+                if line is None:
                     continue
                 at = encode_cursor(positions)
                 frames.append(line.feed_frame(at))

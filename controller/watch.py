@@ -60,25 +60,6 @@ OUTCOMES = {
 # --- what the API sends -------------------------------------------------------------
 
 
-class WorkflowView(BaseModel):
-    """``GET /v1/workflows/{id}``, as much of it as the views show."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    workflow_id: str
-    workflow: WorkflowRef
-    status: WorkflowStatus
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None = None
-    error: str | None = None
-    sla_deadline_at: datetime | None = None
-    steps: list[StepState] = []
-
-    def step(self, name: str | None) -> StepState | None:
-        return next((step for step in self.steps if step.name == name), None)
-
-
 class WorkflowSummary(BaseModel):
     """One workflow of ``GET /v1/workflows``."""
 
@@ -89,6 +70,18 @@ class WorkflowSummary(BaseModel):
     status: WorkflowStatus
     created_at: datetime
     updated_at: datetime
+
+
+class WorkflowView(WorkflowSummary):
+    """``GET /v1/workflows/{id}``, as much of it as the views show."""
+
+    finished_at: datetime | None = None
+    error: str | None = None
+    sla_deadline_at: datetime | None = None
+    steps: list[StepState] = []
+
+    def step(self, name: str | None) -> StepState | None:
+        return next((step for step in self.steps if step.name == name), None)
 
 
 class ProgressLine(HistoryEntry):
