@@ -33,7 +33,7 @@ from redis.exceptions import ResponseError
 
 from contracts import naming
 from contracts.definitions import StepDefinition, WorkflowDefinition
-from participants.sdk.commit import LuaScript
+from participants.sdk.scripts import Script
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ COUNT_CAP = 10_000
 
 # Entries of stream KEYS[1] after id ARGV[1] (exclusive), at most ARGV[2]: counted
 # on the server so no entry crosses the network.
-_COUNT_AFTER = LuaScript("return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])")
+_COUNT_AFTER = Script("return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])")
 # Delete hash field ARGV[1] only if it still holds ARGV[2]: a beat written since it was read survives.
-_FORGET = LuaScript(
+_FORGET = Script(
     "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0"
 )
 

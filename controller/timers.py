@@ -21,11 +21,11 @@ from redis.exceptions import RedisError
 from contracts import naming
 from contracts.envelope import WorkflowRef
 from contracts.messages import TIMER_FIRED
-from participants.sdk.commit import LuaScript
+from participants.sdk.scripts import Script
 
 log = logging.getLogger(__name__)
 
-_FIRE = LuaScript(resources.files(__package__).joinpath("timers.lua").read_text())
+_FIRE = Script(resources.files(__package__).joinpath("timers.lua").read_text())
 FIRE_BATCH = 200
 
 

@@ -15,7 +15,8 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+
+from participants.sdk.scripts import Script
 
 _SOURCE = resources.files(__package__).joinpath("commit.lua").read_text()
 
@@ -142,47 +143,11 @@ class Commit:
         return self._add("xdel", stream, entry_id)
 
 
-ScriptCall = tuple[list[str], list[str | bytes]]  # (keys, args)
-
-
-class LuaScript:
-    """A Lua script called by SHA in pipelines; loads itself again if the server
-    lost it (restart, SCRIPT FLUSH).  Replies that are errors are returned, not raised."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self._sha: str | None = None
-
-    async def _load(self, redis: Redis) -> str:
-        self._sha = str(await redis.script_load(self.source))
-        return self._sha
-
-    async def call_many(self, redis: Redis, calls: list[ScriptCall]) -> list[Any]:
-        """Run every call in order in one round trip."""
-        if not calls:
-            return []
-        sha = self._sha or await self._load(redis)
-        raw = await self._pipeline(redis, sha, calls)
-        if any(isinstance(r, NoScriptError) for r in raw):
-            sha = await self._load(redis)
-            retry = [c for c, r in zip(calls, raw, strict=True) if isinstance(r, NoScriptError)]
-            again = iter(await self._pipeline(redis, sha, retry))
-            raw = [next(again) if isinstance(r, NoScriptError) else r for r in raw]
-        return raw
-
-    @staticmethod
-    async def _pipeline(redis: Redis, sha: str, calls: list[ScriptCall]) -> list[Any]:
-        async with redis.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                pipe.evalsha(sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
-
-
 class CommitScript:
     """The commit script: applies :class:`Commit` objects."""
 
     def __init__(self) -> None:
-        self._script = LuaScript(_SOURCE)
+        self._script = Script(_SOURCE)
 
     async def run(self, redis: Redis, commits: list[Commit]) -> list[CommitResult]:
         """Apply ``commits`` in order in one round trip; each is atomic on its own."""

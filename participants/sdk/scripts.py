@@ -10,6 +10,8 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 from redis.typing import EncodableT, KeyT
 
+ScriptCall = tuple[Sequence[KeyT], Sequence[EncodableT]]  # (keys, args) of one call
+
 
 class Script:
     """A Lua script, hashed once, called by its SHA1 (``EVALSHA``).
@@ -39,5 +41,28 @@ class Script:
         try:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            self.sha = await redis.script_load(self.source)
+            await self._load(redis)
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def call_many(self, redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Every call's reply, in order, in one round trip; a call that failed gets its
+        error as its reply instead of raising."""
+        if not calls:
+            return []
+        replies = await self._pipeline(redis, calls)
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            await self._load(redis)
+            lost = [call for call, reply in zip(calls, replies, strict=True) if isinstance(reply, NoScriptError)]
+            again = iter(await self._pipeline(redis, lost))
+            replies = [next(again) if isinstance(reply, NoScriptError) else reply for reply in replies]
+        return replies
+
+    async def _pipeline(self, redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+        async with redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(self.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+    async def _load(self, redis: Redis) -> None:
+        """The server lost the script (restarted, ``SCRIPT FLUSH``): load it again."""
+        self.sha = str(await redis.script_load(self.source))

@@ -49,3 +49,15 @@ async def test_deleting_an_entry_that_is_gone_changes_nothing_else(redis: Redis)
 def test_a_delete_in_another_hash_slot_is_refused() -> None:
     with pytest.raises(ValueError, match="hash slot"):
         Commit().xadd(naming.message_stream(0, "Ping"), {"a": "1"}).xdel(naming.dead_letter_stream(1), "1-0")
+
+
+async def test_commits_go_on_after_the_server_lost_the_script(redis: Redis) -> None:
+    script = CommitScript()
+    stream = naming.message_stream(0, "Ping")
+    [first] = await script.run(redis, [Commit().xadd(stream, {"n": "1"})])
+    await redis.script_flush()  # as a restarted server without persistence would have it
+
+    results = await script.run(redis, [Commit().xadd(stream, {"n": "2"}), Commit().xadd(stream, {"n": "3"})])
+
+    assert [result.outcome for result in (first, *results)] == [Outcome.OK] * 3
+    assert [fields for _, fields in await entries(redis, stream)] == [{b"n": b"1"}, {b"n": b"2"}, {b"n": b"3"}]
