@@ -44,11 +44,6 @@ def message_stream(partition: int, message_type: str) -> str:
     return f"{_tag(partition)}:msg:{message_type}"
 
 
-def message_stream_pattern(partition: int) -> str:
-    """A SCAN pattern matching every message stream of a partition."""
-    return f"{_tag(partition)}:msg:*"
-
-
 def type_of_stream(stream: str) -> str:
     """The message type a message stream carries (inverse of :func:`message_stream`)."""
     return stream.rsplit(":msg:", 1)[1]

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts.naming import DEFAULT_PARTITIONS
 from controller import instance_cache
+from participants.sdk.runner import default_consumer
 
 REDIS_URL_ENV = "STREAMSAGA_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PORT = 8080
-
-
-def default_consumer() -> str:
-    """A consumer name that is stable for the life of this process and unique per host."""
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 @dataclass(frozen=True)

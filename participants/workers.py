@@ -7,15 +7,14 @@ calls :func:`run_worker`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from contracts import naming
-from participants import inventory, notification, payment, shipping
+from participants import inventory, ledger, notification, payment, shipping
 from participants.sdk import Participant, RunnerSettings, run_participant
 from participants.sdk.runner import default_consumer
-
-WORKER_NAMES = ("payment", "inventory", "shipping", "notification")
 
 
 @dataclass(frozen=True)
@@ -25,12 +24,13 @@ class WorkerSettings:
     redis_url: str
     partitions: int = naming.DEFAULT_PARTITIONS
     consumer: str = field(default_factory=default_consumer)
-    concurrency: int = 64
+    # the runner's own defaults (a dataclass field's default is its class attribute)
+    concurrency: int = RunnerSettings.concurrency
     """Handlers in flight at once."""
-    batch: int = 200
+    batch: int = RunnerSettings.batch
     """XREADGROUP COUNT."""
-    max_deliveries: int = 5
-    claim_idle_ms: int = 5000
+    max_deliveries: int = RunnerSettings.max_deliveries
+    claim_idle_ms: int = RunnerSettings.claim_idle_ms
     """Take over a dead peer's pending entries after this idle time."""
     payment_limit: Decimal = payment.DEFAULT_LIMIT
     default_stock: int = inventory.DEFAULT_STOCK
@@ -59,17 +59,21 @@ class WorkerSettings:
         )
 
 
+_BUILDERS: dict[str, Callable[[WorkerSettings], Participant]] = {
+    ledger.PAYMENT: lambda s: payment.build(limit=s.payment_limit, refund_fail_customers=s.refund_fail_customers),
+    ledger.INVENTORY: lambda s: inventory.build(default_stock=s.default_stock),
+    ledger.SHIPPING: lambda s: shipping.build(countries=s.countries),
+    ledger.NOTIFICATION: lambda s: notification.build(fail_customers=s.notify_fail_customers),
+}
+WORKER_NAMES = tuple(_BUILDERS)
+
+
 def build(name: str, settings: WorkerSettings) -> Participant:
     """The participant of the example worker ``name``."""
-    if name == "payment":
-        return payment.build(limit=settings.payment_limit, refund_fail_customers=settings.refund_fail_customers)
-    if name == "inventory":
-        return inventory.build(default_stock=settings.default_stock)
-    if name == "shipping":
-        return shipping.build(countries=settings.countries)
-    if name == "notification":
-        return notification.build(fail_customers=settings.notify_fail_customers)
-    raise ValueError(f"unknown worker {name!r}; expected one of {', '.join(WORKER_NAMES)}")
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise ValueError(f"unknown worker {name!r}; expected one of {', '.join(WORKER_NAMES)}")
+    return builder(settings)
 
 
 async def run_worker(name: str, settings: WorkerSettings, stop: asyncio.Event) -> None:

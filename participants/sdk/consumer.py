@@ -240,20 +240,3 @@ class GroupReader:
         await self.script.run(
             self.redis, [dead_letter_commit(entry, self.group, self.consumer, reason) for entry, reason in entries]
         )
-
-    async def ack(self, entries: list[Entry]) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for entry in entries:
-                pipe.xack(entry.stream, self.group, entry.id)
-            await pipe.execute()
-
-
-def entries_by_stream(entries: list[Entry]) -> dict[str, list[Entry]]:
-    grouped: dict[str, list[Entry]] = {}
-    for entry in entries:
-        grouped.setdefault(entry.stream, []).append(entry)
-    return grouped
-
-
-def decode_fields(raw: dict[Any, Any]) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in raw.items()}
