@@ -98,7 +98,7 @@ class Correlator:
                     if exhausted:
                         await self._dead_letter(
                             [
-                                (e, f"not applied after {e.deliveries - 1} deliveries", DeadLetterReason.EXHAUSTED)
+                                (e, f"not applied after {e.deliveries} deliveries", DeadLetterReason.EXHAUSTED)
                                 for e in exhausted
                             ]
                         )

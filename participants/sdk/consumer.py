@@ -176,7 +176,9 @@ class GroupReader:
         """(entries due for another try, entries that have failed too often).
 
         Both are claimed by this consumer; the caller processes the first and
-        dead-letters the second.  ``exclude`` lists (stream, entry id) the caller
+        dead-letters the second.  An entry to try again counts the claim that
+        hands it over as its next delivery; one that failed too often carries the
+        deliveries it was given up after.  ``exclude`` lists (stream, entry id) the caller
         still holds (in flight, or deferred): they are neither claimed nor counted
         as a delivery.
         """
@@ -216,8 +218,10 @@ class GroupReader:
                 if entry_id not in found:
                     vanished.append((stream, entry_id))  # trimmed or deleted; nothing to do
                     continue
-                entry = Entry(stream, entry_id, found[entry_id], previous + 1)
-                (exhausted if previous >= self.policy.max_deliveries else retry).append(entry)
+                if previous >= self.policy.max_deliveries:
+                    exhausted.append(Entry(stream, entry_id, found[entry_id], previous))
+                else:
+                    retry.append(Entry(stream, entry_id, found[entry_id], previous + 1))
         if vanished:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream, entry_id in vanished:

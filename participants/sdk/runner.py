@@ -614,13 +614,11 @@ class Runner:
         if exhausted:
             commits = []
             for entry in exhausted:
-                # pending() counted the claim that handed the entry to us as a delivery
-                delivered = dataclasses.replace(entry, deliveries=entry.deliveries - 1)
                 last = self._last_error.pop((entry.stream, entry.id), None)
-                reason = f"gave up after {delivered.deliveries} deliveries: " + (
+                reason = f"gave up after {entry.deliveries} deliveries: " + (
                     last or "no error recorded (a consumer died or stalled while handling it)"
                 )
-                commits.append(self._dead_letter_commit(delivered, reason, DeadLetterReason.EXHAUSTED))
+                commits.append(self._dead_letter_commit(entry, reason, DeadLetterReason.EXHAUSTED))
             await self._script.run(self.redis, commits)
             self.stats.dead_lettered += len(commits)
         if retry and not stop.is_set():

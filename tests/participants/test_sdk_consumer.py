@@ -34,3 +34,18 @@ async def test_entries_the_caller_still_holds_are_not_claimed_or_counted(redis: 
     assert exhausted == []
     assert await deliveries(redis, held_id) == 1
     assert await deliveries(redis, failed_id) == 2
+
+
+async def test_a_retry_counts_its_claim_and_a_given_up_entry_the_deliveries_it_had(redis: Redis) -> None:
+    reader = GroupReader(redis, "g", "me", [STREAM], policy=RetryPolicy(max_deliveries=2, base_ms=10, max_ms=10))
+    await reader.ensure_groups()
+    added: Any = await redis.xadd(STREAM, {"n": "1"})
+    entry_id = added.decode()
+    assert len(await reader.read(block_ms=100)) == 1  # delivery 1, never acked
+
+    retry, _ = await eventually(reader.pending, lambda found: bool(found[0]))
+    assert [(entry.id, entry.deliveries) for entry in retry] == [(entry_id, 2)]  # the claim is delivery 2
+    _, exhausted = await eventually(reader.pending, lambda found: bool(found[1]))
+
+    # given up after its 2 deliveries: the dead letter's count agrees with its reason
+    assert [(entry.id, entry.deliveries) for entry in exhausted] == [(entry_id, 2)]
