@@ -43,7 +43,7 @@ from controller.errors import (
     WorkflowNotFound,
     WorkflowStateConflict,
 )
-from controller.instance import Instance, WorkflowStatus
+from controller.instance import HIDDEN_FIELDS, SUMMARY_FIELDS, Instance, WorkflowStatus
 from controller.progress import FeedFilter, ProgressHub, decode_cursor, stream_feed, stream_workflow
 from controller.settings import ControllerSettings
 from controller.state_machine import NotAllowed, effective_sla
@@ -51,8 +51,8 @@ from controller.store import IdempotencyConflict, WorkflowStore
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1 << 20
-MAX_LIST_LIMIT = 1_000
+MAX_BODY_BYTES = openapi.MAX_BODY_BYTES
+MAX_LIST_LIMIT = openapi.MAX_LIST_LIMIT
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
 PING_TIMEOUT_S = 2.0
@@ -65,7 +65,7 @@ CONTRACTS = web.AppKey("contracts", bytes)  # the JSON Schemas, serialised once
 CORRELATOR_READY = web.AppKey("correlator_ready", asyncio.Event)  # set while the correlator's groups exist and it runs
 PROGRESS = web.AppKey("progress", ProgressHub)  # the live progress feeds' one reader; .clients counts them
 
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+_IDEMPOTENCY_KEY = re.compile(openapi.IDEMPOTENCY_KEY_PATTERN)
 # W3C Trace Context: version-traceid-parentid-flags; an invalid header is ignored, as the spec asks.
 _TRACEPARENT = re.compile(r"^(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$")
 
@@ -178,16 +178,13 @@ def _links(workflow_id: str) -> dict[str, str]:
     return {"self": self_, "history": f"{self_}/history"}
 
 
-_SUMMARY_FIELDS = {"workflow", "status", "created_at", "updated_at", "finished_at", "error"}
-
-
 def _summary(instance: Instance) -> dict[str, Any]:
-    data = instance.model_dump(mode="json", include=_SUMMARY_FIELDS)
+    data = instance.model_dump(mode="json", include=SUMMARY_FIELDS)
     return {"workflow_id": instance.id, **data, "links": _links(instance.id)}
 
 
 def _detail(instance: Instance) -> dict[str, Any]:
-    data = instance.model_dump(mode="json", exclude={"id", "request_hash", "events"})
+    data = instance.model_dump(mode="json", exclude=HIDDEN_FIELDS)
     return {"workflow_id": instance.id, **data, "links": _links(instance.id)}
 
 

@@ -81,6 +81,11 @@ class Instance(BaseModel):
         raise KeyError(name)
 
 
+# what the API shows of an instance: a list row, and the detail view (everything but these)
+SUMMARY_FIELDS: set[str] = {"workflow", "status", "created_at", "updated_at", "finished_at", "error"}
+HIDDEN_FIELDS: set[str] = {"id", "request_hash", "events"}
+
+
 class HistoryEntry(BaseModel):
     """One line of a workflow's history: a message it received or sent."""
 

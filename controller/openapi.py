@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from contracts.schema import ID_PREFIX, schemas
 from controller.dead_letters import DeadLetter
-from controller.instance import HistoryEntry, Instance, StepState, WorkflowStatus
+from controller.instance import HIDDEN_FIELDS, SUMMARY_FIELDS, HistoryEntry, Instance, StepState, WorkflowStatus
 
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
@@ -92,12 +92,17 @@ class Operation:
     problems: tuple[int, ...] = ()  # statuses it answers with a problem document, besides `default`
 
 
+# the limits the API publishes and enforces (controller.api)
+MAX_BODY_BYTES = 1 << 20
+MAX_LIST_LIMIT = 1_000
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
+
 # Problem answers, by status: components.responses name and description.
 PROBLEMS = {
     400: ("MalformedBody", "The body is not JSON, or not a JSON object."),
     404: ("NotFound", "No such resource (workflow, definition, dead letter or route)."),
     409: ("Conflict", "The request conflicts with the resource's state or an earlier request."),
-    413: ("BodyTooLarge", "The body exceeds 1 MiB."),
+    413: ("BodyTooLarge", f"The body exceeds {MAX_BODY_BYTES >> 20} MiB."),
     415: ("UnsupportedMediaType", "Content-Type is not application/json."),
     422: ("InvalidInput", "A field is missing, of the wrong type or out of range; `field` names it."),
     503: ("Unavailable", "Redis cannot be reached, or (readiness) a check fails."),
@@ -107,14 +112,14 @@ BODY_PROBLEMS = (400, 413, 415, 422)
 _WORKFLOW_ID = Param("id", "path", "The workflow id.", required=True)
 _DEAD_LETTER_ID = Param("id", "path", "The dead letter id: `<partition>-<entry id>`.", required=True)
 _LIMIT = Param(
-    "limit", "query", "At most this many.", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
+    "limit", "query", "At most this many.", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 100}
 )
 _STATUS = Param("status", "query", "Only workflows in this status.", ref("WorkflowStatus"))
 _IDEMPOTENCY_KEY = Param(
     "Idempotency-Key",
     "header",
     "The same key and body answer the same workflow; the same key with another body, 409.",
-    {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"},
+    {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
 )
 _TRACEPARENT = Param("traceparent", "header", "W3C Trace Context, carried into the start event (ignored if invalid).")
 _SLA_SECONDS = Param(
@@ -529,7 +534,7 @@ def _workflow_schemas(components: _Components) -> None:
     """``Workflow`` (the detail view) and ``WorkflowSummary`` (a list row), from ``Instance``."""
     components.add_model("Instance", Instance, "serialization")
     instance = components.schemas.pop("Instance")
-    hidden = {"id", "request_hash", "events"}
+    hidden = HIDDEN_FIELDS
     properties = {
         "workflow_id": _STRING,
         **{key: value for key, value in instance["properties"].items() if key not in hidden},
@@ -541,7 +546,7 @@ def _workflow_schemas(components: _Components) -> None:
         {"type": "object", "title": "Workflow", "description": "A workflow instance.", "properties": properties,
          "required": required},
     )  # fmt: skip
-    summary_fields = ("workflow", "status", "created_at", "updated_at", "finished_at", "error")
+    summary_fields = [key for key in instance["properties"] if key in SUMMARY_FIELDS]  # in the model's order
     components.add(
         "WorkflowSummary",
         {
