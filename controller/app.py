@@ -227,9 +227,7 @@ async def _run_correlator(correlator: Correlator, stop: asyncio.Event, ready: as
     try:
         while not stop.is_set():
             try:
-                await correlator.prepare()
-                ready.set()
-                await correlator.run(stop)
+                await correlator.run(stop, ready)
             except (RedisError, OSError) as exc:
                 ready.clear()
                 log.warning("correlator cannot reach Redis (%s); trying again in %.0fs", exc, RECONNECT_S)

@@ -86,9 +86,12 @@ class Correlator:
     async def prepare(self) -> None:
         await self.reader.ensure_groups()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Read and apply until ``stop`` is set; a failing batch is retried later, never lost."""
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """Create the consumer groups, set ``ready``, then read and apply until ``stop``
+        is set; a failing batch is retried later, never lost."""
         await self.prepare()
+        if ready is not None:
+            ready.set()
         next_pending = 0.0
         while not stop.is_set():
             try:

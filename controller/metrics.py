@@ -195,8 +195,8 @@ class ControllerMetrics:
     def duplicate(self) -> None:
         self.events_duplicate.inc()
 
-    def dead_lettered(self, reason: DeadLetterReason, count: int = 1) -> None:
-        self.dead_letters.labels(CONTROLLER_GROUP, reason).inc(count)
+    def dead_lettered(self, reason: DeadLetterReason) -> None:
+        self.dead_letters.labels(CONTROLLER_GROUP, reason).inc()
 
     # --- read when scraped ---------------------------------------------------------------
 

@@ -282,14 +282,10 @@ class _Decider:
             self.set_timer(f"step:{step.name}", definition.retry.delay_s(step.attempts, self.instance.id), step)
             return f"{step.name}: attempt {step.attempts} timed out; retrying"
         timeout = f"{step.name} timed out after {definition.timeout_s:g}s"
-        if definition.timeout_policy == "flag":
-            step.status = StepStatus.TIMED_OUT
-            step.finished_at = self.now
-            step.deadline_at = None
-            step.error = "timed out"
-            return f"{timeout}; flagged, the workflow goes on"
         self.end_step(step, StepStatus.TIMED_OUT)
         step.error = "timed out"
+        if definition.timeout_policy == "flag":
+            return f"{timeout}; flagged, the workflow goes on"
         if self.instance.status is WorkflowStatus.RUNNING:
             self.begin_compensation(timeout)
         return timeout
