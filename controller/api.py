@@ -501,13 +501,12 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
     """Write a dead letter's original fields back to its source stream and delete it, atomically."""
     dead_letter_id = _dead_letter_id(request)
     store = request.app[STORE]
-    letter = await dead_letters.get(request.app[REDIS], dead_letter_id)
-    if letter is None:
-        raise DeadLetterNotFound(dead_letter_id)
     try:
-        entry_id = await dead_letters.replay_letter(
-            request.app[REDIS], letter, partitions=store.partitions, script=store.script
+        letter, entry_id = await dead_letters.replay(
+            request.app[REDIS], dead_letter_id, partitions=store.partitions, script=store.script
         )
+    except dead_letters.NoSuchDeadLetter:
+        raise DeadLetterNotFound(dead_letter_id) from None
     except dead_letters.NotReplayable as exc:
         raise DeadLetterNotReplayable(dead_letter_id, exc.reason) from None
     log.info(

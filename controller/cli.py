@@ -693,11 +693,10 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         script = CommitScript()
         failed = 0
         for dead_letter_id in dict.fromkeys(args.ids):
-            letter = await dead_letters.get(redis, dead_letter_id)
             try:
-                if letter is None:
-                    raise dead_letters.NoSuchDeadLetter(dead_letter_id)
-                entry_id = await dead_letters.replay_letter(redis, letter, partitions=args.partitions, script=script)
+                letter, entry_id = await dead_letters.replay(
+                    redis, dead_letter_id, partitions=args.partitions, script=script
+                )
             except (dead_letters.NoSuchDeadLetter, dead_letters.NotReplayable) as exc:
                 _dlq_fail(args, str(exc))
                 failed += 1

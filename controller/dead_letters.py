@@ -278,15 +278,15 @@ async def replay_letter(
 
 async def replay(
     redis: Redis, dead_letter_id: str, *, partitions: int | None = None, script: CommitScript | None = None
-) -> str:
-    """Replay the dead letter with this id (see :func:`replay_letter`); the new entry's id.
+) -> tuple[DeadLetter, str]:
+    """Replay the dead letter with this id (see :func:`replay_letter`): the letter, and the new entry's id.
 
     Raises :class:`InvalidDeadLetterId`, :class:`NoSuchDeadLetter` or :class:`NotReplayable`.
     """
     letter = await get(redis, dead_letter_id)
     if letter is None:
         raise NoSuchDeadLetter(dead_letter_id)
-    return await replay_letter(redis, letter, partitions=partitions, script=script)
+    return letter, await replay_letter(redis, letter, partitions=partitions, script=script)
 
 
 async def purge(

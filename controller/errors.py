@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from controller.dead_letters import NoSuchDeadLetter, NotReplayable
+
 PROBLEM_TYPE_PREFIX = "urn:streamsaga:problem:"
 
 
@@ -145,9 +147,7 @@ class DeadLetterNotFound(NotFound):
     slug = "dead-letter-not-found"
 
     def __init__(self, dead_letter_id: str) -> None:
-        super().__init__(
-            f"no dead letter {dead_letter_id!r} (it may have been replayed, purged or trimmed)", field="id"
-        )
+        super().__init__(str(NoSuchDeadLetter(dead_letter_id)), field="id")
         self.dead_letter_id = dead_letter_id
 
 
@@ -200,7 +200,7 @@ class DeadLetterNotReplayable(ApiError):
     slug = "dead-letter-not-replayable"
 
     def __init__(self, dead_letter_id: str, reason: str) -> None:
-        super().__init__(f"dead letter {dead_letter_id!r} cannot be replayed: {reason}", field="id")
+        super().__init__(str(NotReplayable(dead_letter_id, reason)), field="id")
         self.dead_letter_id = dead_letter_id
         self.reason = reason
 
