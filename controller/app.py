@@ -109,16 +109,23 @@ async def _correlator(app: web.Application) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def _running(
-    name: str, loop: Callable[[asyncio.Event], Coroutine[Any, Any, None]], block_ms: int = 0
+    name: str,
+    loop: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    block_ms: int = 0,
+    *,
+    on_stop: Callable[[], None] | None = None,
 ) -> AsyncIterator[None]:
-    """Run ``loop(stop)`` as a background task; on exit set ``stop`` and await it —
-    cancelling it only if it has not stopped within ``block_ms`` plus a grace period."""
+    """Run ``loop(stop)`` as a background task; on exit set ``stop`` (and call ``on_stop``,
+    for a loop stopped by other means) and await it — cancelling it only if it has not
+    stopped within ``block_ms`` plus a grace period."""
     stop = asyncio.Event()
     task = asyncio.create_task(loop(stop), name=name)
     try:
         yield
     finally:
         stop.set()
+        if on_stop is not None:
+            on_stop()
         try:
             await asyncio.wait_for(asyncio.shield(task), block_ms / 1000 + STOP_GRACE_S)
         except TimeoutError:
@@ -173,19 +180,11 @@ async def _progress(app: web.Application) -> AsyncIterator[None]:
     )
     app[api.PROGRESS] = hub
     app[metrics.METRICS].sse_clients = lambda: hub.clients
-    task = asyncio.create_task(hub.run(), name="progress hub")
     try:
-        yield
+        async with _running("progress hub", lambda _: hub.run(), hub.block_ms, on_stop=hub.stop):
+            yield
     finally:
-        hub.stop()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), hub.block_ms / 1000 + STOP_GRACE_S)
-        except TimeoutError:
-            log.warning("the progress hub did not stop in time; cancelling it")
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        finally:
-            await reader.aclose()
+        await reader.aclose()
 
 
 async def _end_progress_streams(app: web.Application) -> None:
