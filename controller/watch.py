@@ -42,7 +42,6 @@ T = TypeVar("T")
 REFRESH_S = 0.5  # the least time between two refreshes of `watch --all`'s counts and in-flight list
 IN_FLIGHT_LIMIT = 200  # in-flight workflows fetched per status
 LOOK_UP_LIMIT = 50  # workflows whose state one refresh of the live `watch --all` fetches, for their current step
-COUNT_LIMIT = 1_000  # the most workflows of one status `GET /v1/workflows` lists
 IN_FLIGHT = (WorkflowStatus.RUNNING, WorkflowStatus.COMPENSATING, WorkflowStatus.NEEDS_ATTENTION)
 LIVE_REFRESH_PER_S = 4
 END = "end"
@@ -172,18 +171,9 @@ class ApiClient:
         return [_decode(WorkflowSummary, item, "a workflow summary") for item in listing.get("workflows", [])]
 
     async def counts(self) -> dict[WorkflowStatus, int]:
-        """Workflows by status: from ``GET /v1/stats`` (``{"counts": {status: n}}``), or, from a
-        controller without it, counted from ``GET /v1/workflows`` (at most :data:`COUNT_LIMIT` each)."""
-        try:
-            stats = await self.get("/v1/stats")
-        except ApiProblem as exc:
-            if exc.status != 404:
-                raise
-        else:
-            counts = _decode(_Stats, stats, "workflow statistics").counts
-            return {status: counts.get(status, 0) for status in WorkflowStatus}
-        listed = await asyncio.gather(*(self.workflows(status, COUNT_LIMIT) for status in WorkflowStatus))
-        return {status: len(found) for status, found in zip(WorkflowStatus, listed, strict=True)}
+        """Workflows by status, from ``GET /v1/stats`` (``{"counts": {status: n}}``)."""
+        counts = _decode(_Stats, await self.get("/v1/stats"), "workflow statistics").counts
+        return {status: counts.get(status, 0) for status in WorkflowStatus}
 
 
 class _Stats(BaseModel):
