@@ -361,10 +361,9 @@ async def _post(url: str, body: bytes, idempotency_key: str | None) -> tuple[int
 
 
 def _print_problem(status: int, text: str) -> None:
-    try:
-        problem = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        problem = {"title": "error", "detail": text.strip()}
+    from controller.event_source import problem_of
+
+    problem = {"title": "error", **problem_of(text)}
     print(f"streamsaga submit: {status} {problem.get('title', '')}: {problem.get('detail', '')}", file=sys.stderr)
     for error in problem.get("errors") or []:
         print(f"  {error.get('field')}: {error.get('message')}", file=sys.stderr)

@@ -180,14 +180,20 @@ class EventSource:
     async def _check(self, response: aiohttp.ClientResponse) -> None:
         if response.status == 200 and response.content_type == EVENT_STREAM:
             return
-        text = (await response.text(errors="replace")).strip()
-        detail = text
-        try:
-            problem = orjson.loads(text)
-            if isinstance(problem, dict) and "detail" in problem:
-                detail = str(problem["detail"])
-        except orjson.JSONDecodeError:
-            pass
+        detail = str(problem_of(await response.read()).get("detail") or "")
         raise EventSourceError(
             self.url, f"{response.status} {response.content_type}: {detail[:300]}", status=response.status
         )
+
+
+def problem_of(raw: bytes | str) -> dict[str, Any]:
+    """An error answer's ``application/problem+json`` document; for a body that is not
+    one, ``{"detail": <the body's text>}``."""
+    try:
+        problem = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        problem = None
+    if isinstance(problem, dict):
+        return problem
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    return {"detail": text.strip()}

@@ -33,7 +33,7 @@ from rich.live import Live
 
 from contracts.envelope import WorkflowRef, utcnow
 from controller import terminal
-from controller.event_source import EventSource, EventSourceError, ServerSentEvent
+from controller.event_source import EventSource, EventSourceError, ServerSentEvent, problem_of
 from controller.exit_status import ExitCode
 from controller.instance import HistoryEntry, StepState, StepStatus, WorkflowStatus
 
@@ -145,17 +145,12 @@ class ApiClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise WatchError(f"cannot reach the API at {self.base}: {exc or type(exc).__name__}") from None
         if status >= 400:
-            try:
-                problem = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                problem = None
-            if not isinstance(problem, dict):
-                problem = {"detail": raw.decode(errors="replace").strip()[:300]}
+            problem = problem_of(raw)
             raise ApiProblem(
                 url,
                 status,
                 str(problem.get("title") or reason),
-                str(problem.get("detail") or ""),
+                str(problem.get("detail") or "")[:300],
                 str(problem.get("type") or ""),
             )
         try:

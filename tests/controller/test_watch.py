@@ -643,3 +643,11 @@ async def test_submit_watch_follows_each_order_to_its_outcome_and_exits_with_it(
     assert "ShipmentFailed" in text
     assert re.search(r"PaymentRefunded\s+payment\s+compensated", text)
     assert text.splitlines()[-1].endswith("(exit 3)")
+
+
+def test_an_error_body_is_read_as_a_problem_document_whatever_it_is() -> None:
+    from controller.event_source import problem_of
+
+    assert problem_of(b'{"title": "Invalid input", "detail": "bad"}') == {"title": "Invalid input", "detail": "bad"}
+    assert problem_of(b"  502 Bad Gateway\n") == {"detail": "502 Bad Gateway"}  # a proxy's page
+    assert problem_of("[1, 2]") == {"detail": "[1, 2]"}  # JSON, but not a problem document
