@@ -96,7 +96,7 @@ def build(default_stock: int = DEFAULT_STOCK) -> Participant:
         raw = await _RESERVE(msg.redis, keys=[ledger.STOCK, ledger.STOCK_INITIAL, ledger.RESERVATIONS], args=args)
         stored = Reservation.model_validate_json(raw)
         if stored.status == "unavailable":
-            log.info("not enough stock of %s", ", ".join(stored.short), extra={"correlation_id": msg.correlation_id})
+            log.info("not enough stock of %s", ", ".join(stored.short))
             reason = f"not enough stock of {', '.join(stored.short)}"
             return Reply("InventoryUnavailable", InventoryUnavailable(reason=reason, skus=stored.short))
         assert stored.reservation_id is not None

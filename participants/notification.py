@@ -29,7 +29,7 @@ def build(fail_customers: Iterable[str] = ()) -> Participant:
     async def notify(msg: Message) -> Reply:
         order = msg.parse(ShipmentScheduled).order
         if order.customer_id in failing:
-            log.info("cannot notify %s", order.customer_id, extra={"correlation_id": msg.correlation_id})
+            log.info("cannot notify %s", order.customer_id)
             reason = f"customer {order.customer_id} cannot be notified by {CHANNEL}"
             return Reply("NotificationFailed", NotificationFailed(reason=reason))
         record = Notice(order_id=order.order_id, customer_id=order.customer_id, channel=CHANNEL)

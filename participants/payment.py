@@ -45,7 +45,6 @@ def build(limit: Decimal = DEFAULT_LIMIT, refund_fail_customers: tuple[str, ...]
                 total,
                 order.currency,
                 limit,
-                extra={"correlation_id": msg.correlation_id},
             )
             reason = f"amount {total} {order.currency} exceeds the payment limit {limit}"
             return Reply("PaymentDeclined", PaymentDeclined(reason=reason, amount=total))
@@ -65,7 +64,7 @@ def build(limit: Decimal = DEFAULT_LIMIT, refund_fail_customers: tuple[str, ...]
         customer = (command.completed.get("order") or {}).get("customer_id")
         if customer in refund_fail_customers:
             reason = f"the card of customer {customer} cannot be refunded"
-            log.warning("refund failed: %s", reason, extra={"correlation_id": msg.correlation_id})
+            log.warning("refund failed: %s", reason)
             return Reply("RefundFailed", CompensationFailed(reason=reason))
         raw = await msg.redis.hget(ledger.CAPTURES, msg.correlation_id)
         if raw is None:

@@ -36,7 +36,7 @@ def build(countries: Iterable[str] = DEFAULT_COUNTRIES) -> Participant:
         order = msg.parse(InventoryReserved).order
         country = order.ship_to.country
         if country not in supported:
-            log.info("cannot ship to %s", country, extra={"correlation_id": msg.correlation_id})
+            log.info("cannot ship to %s", country)
             reason = f"cannot ship to {country}: supported countries are {', '.join(supported)}"
             return Reply("ShipmentFailed", ShipmentFailed(reason=reason))
         record = Shipment(
