@@ -73,19 +73,20 @@ def _order(customer: str, sku: str, quantity: int, unit_price: Decimal, country:
     }
 
 
-def samples() -> list[Sample]:
-    """One order per outcome of the order saga."""
+def samples(run: str) -> list[Sample]:
+    """One order per outcome of the order saga.  Their SKUs are the ``run``'s own: the
+    data dir persists, and stock taken by earlier runs must not change this run's outcomes."""
     assert UNSUPPORTED_COUNTRY not in COUNTRIES
     return [
-        Sample("completes", _order("alice", "BOOK-1", 2, Decimal("12.50"), "US"), WorkflowStatus.COMPLETED,
+        Sample("completes", _order("alice", f"BOOK-{run}", 2, Decimal("12.50"), "US"), WorkflowStatus.COMPLETED,
                "an ordinary order"),
-        Sample("over-limit", _order("bob", "LAPTOP-1", 1, PAYMENT_LIMIT + Decimal("0.01"), "CA"),
+        Sample("over-limit", _order("bob", f"LAPTOP-{run}", 1, PAYMENT_LIMIT + Decimal("0.01"), "CA"),
                WorkflowStatus.FAILED, f"payment declines a total over {PAYMENT_LIMIT}; nothing to undo"),
-        Sample("beyond-stock", _order("carol", "MUG-1", STOCK + 1, Decimal("1.00"), "GB"),
+        Sample("beyond-stock", _order("carol", f"MUG-{run}", STOCK + 1, Decimal("1.00"), "GB"),
                WorkflowStatus.COMPENSATED, f"inventory has {STOCK} of a SKU; the payment is refunded"),
-        Sample("unsupported-country", _order("dave", "PEN-1", 3, Decimal("2.50"), UNSUPPORTED_COUNTRY),
+        Sample("unsupported-country", _order("dave", f"PEN-{run}", 3, Decimal("2.50"), UNSUPPORTED_COUNTRY),
                WorkflowStatus.COMPENSATED, f"shipping to {UNSUPPORTED_COUNTRY} fails; stock and payment are undone"),
-        Sample("notification-fails", _order(NOTIFY_FAILS_FOR, "CARD-1", 1, Decimal("4.00"), "DE"),
+        Sample("notification-fails", _order(NOTIFY_FAILS_FOR, f"CARD-{run}", 1, Decimal("4.00"), "DE"),
                WorkflowStatus.COMPLETED, "the notification fails, which is not critical"),
     ]  # fmt: skip
 
@@ -320,7 +321,7 @@ async def _session(options: DevOptions, redis_url: str, children: Children, stop
             return False
         say(f"dev: workers live: {', '.join(WORKER_NAMES)}")
         started: dict[str, Sample] = {}
-        for sample in samples():
+        for sample in samples(datetime.now().strftime("%Y%m%d%H%M%S")):
             workflow_id = await _submit(session, sample)
             if workflow_id is None:
                 return False

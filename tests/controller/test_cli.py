@@ -358,3 +358,13 @@ def test_other_commands_still_refuse_unknown_arguments(capsys: pytest.CaptureFix
         main(["ledger", "--orders", "10"])
     assert exited.value.code == 2
     assert "unrecognized arguments: --orders 10" in capsys.readouterr().err
+
+
+def test_each_dev_run_orders_skus_of_its_own() -> None:
+    from controller.dev import samples
+
+    def skus(run: str) -> set[str]:
+        return {item["sku"] for sample in samples(run) for item in sample.order["items"]}
+
+    # .streamsaga/redis persists: stock one run took must not decide another run's outcomes
+    assert skus("20261122000000").isdisjoint(skus("20261122000001"))
