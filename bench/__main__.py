@@ -7,14 +7,13 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from types import FrameType
 
 import orjson
 from redis.exceptions import RedisError
 
 from bench import report
 from bench.processes import ChildFailed
-from bench.run import BenchError, Interrupted, Options, run
+from bench.run import BenchError, Interrupted, Options, run, terminate_as_interrupt
 from participants.sdk import collector
 
 
@@ -149,11 +148,6 @@ def parse(argv: list[str] | None = None, prog: str = "python -m bench") -> tuple
     return options, args
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM unwinds like Ctrl-C, so every child and the Redis are stopped
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     options, args = parse(argv, prog)
     logging.basicConfig(
@@ -161,7 +155,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate_as_interrupt)
     collector.tune()  # the load generator shares the cores with what it measures
     try:
         result = run(options)

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import aiohttp
@@ -167,19 +168,20 @@ def _start_streamsaga(children: Children, options: Options, redis_url: str) -> s
     controller = [*cli, "controller", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port)]
     controller += ["--partitions", str(options.partitions), *options.extra_controller_args]
     worker_help = _help([*streamsaga_command(options.cli), "worker"])
+    # a setting the worker CLI does not have is left out rather than failing the run
+    wanted = {"--payment-limit": HUGE_PAYMENT_LIMIT, "--default-stock": HUGE_STOCK}
+    if options.worker_concurrency is not None:
+        wanted["--concurrency"] = str(options.worker_concurrency)
+    settings: list[str] = []
+    for flag, value in wanted.items():
+        if flag in worker_help:
+            settings += [flag, value]
+        else:
+            log.warning("`streamsaga worker` has no %s option; not passing it", flag)
     children.start("controller", controller)
     for name in WORKERS:
         args = [*cli, "worker", name, "--redis-url", redis_url, "--partitions", str(options.partitions)]
-        # a setting the worker CLI does not have is left out rather than failing the run
-        wanted = {"--payment-limit": HUGE_PAYMENT_LIMIT, "--default-stock": HUGE_STOCK}
-        if options.worker_concurrency is not None:
-            wanted["--concurrency"] = str(options.worker_concurrency)
-        for flag, value in wanted.items():
-            if flag in worker_help:
-                args += [flag, value]
-            else:
-                log.warning("`streamsaga worker` has no %s option; not passing it", flag)
-        children.start(f"worker-{name}", [*args, *options.extra_worker_args])
+        children.start(f"worker-{name}", [*args, *settings, *options.extra_worker_args])
     return f"http://127.0.0.1:{port}"
 
 
@@ -270,7 +272,7 @@ class _Drive:
                     KeepAliveClient(api_url, limit=max(options.concurrency, 256)) as client,
                     self._watching(progress_streams(options.partitions), classify_progress) as watcher,
                 ):
-                    await self._phases("streamsaga", HttpSubmitter(client, run_id, options.timeout), watcher, redis)
+                    await self._phases("streamsaga", HttpSubmitter(client, run_id, options.timeout), watcher)
 
     async def baseline(self, run_id: str) -> None:
         options = self.options
@@ -280,7 +282,7 @@ class _Drive:
                 submit = baseline.BaselineSubmitter(redis, options.partitions, run_id)
                 finals = baseline.final_streams(options.partitions, options.baseline_steps)
                 async with self._watching(finals, baseline.classify_final) as watcher:
-                    await self._phases("baseline", submit, watcher, redis, open_loop_too=False)
+                    await self._phases("baseline", submit, watcher, open_loop_too=False)
             finally:
                 self.children.stop()
                 # best effort: leave a server given with --redis-url as we found it
@@ -292,7 +294,6 @@ class _Drive:
         system: str,
         submit: Submitter,
         watcher: CompletionWatcher,
-        redis: Redis,
         *,
         open_loop_too: bool = True,
     ) -> None:
@@ -441,3 +442,8 @@ def _text(value: bytes | str) -> str:
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in values.items()}
+
+
+def terminate_as_interrupt(signum: int, frame: FrameType | None) -> None:
+    """A SIGTERM handler: unwind like Ctrl-C, so every child and the Redis are stopped."""
+    raise KeyboardInterrupt

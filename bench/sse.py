@@ -35,20 +35,28 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import aiohttp
 import orjson
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bench.completion import CompletionWatcher
 from bench.load import Submitter, closed_loop
 from bench.processes import ChildFailed, Children, load_average
-from bench.run import BenchError, Interrupted, Options, Report, _Drive, _sigint_blocked, _start_streamsaga
+from bench.run import (
+    BenchError,
+    Interrupted,
+    Options,
+    Report,
+    _Drive,
+    _sigint_blocked,
+    _start_streamsaga,
+    terminate_as_interrupt,
+)
 from bench.stats import PhaseResult, percentile
 from controller.embedded_redis import EmbeddedRedis
+from participants.sdk import collector
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +331,6 @@ class _SseDrive(_Drive):
         system: str,
         submit: Submitter,
         watcher: CompletionWatcher,
-        redis: Redis,
         *,
         open_loop_too: bool = True,
     ) -> None:
@@ -563,10 +570,6 @@ def _enough_descriptors(wanted: int) -> None:
             log.warning("open files limited to %d (hard limit); %d wanted", new, wanted)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     options, sse, args = parse(argv)
     logging.basicConfig(
@@ -579,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
         asyncio.run(_serve_clients(args.serve_clients, sse.clients, sse.probes))
         return 0
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate_as_interrupt)
+    collector.tune()  # as python -m bench does: the clients' parsing is another process, the driver is this one
     try:
         result = run_sse(options, sse)
     except (KeyboardInterrupt, Interrupted):
