@@ -306,21 +306,22 @@ class _OperatorRequestIn(BaseModel):
 
 
 async def _operator_request(request: web.Request, message_type: str) -> web.Response:
-    instance = await _load(request)
+    workflow_id = request.match_info["id"]
     payload: dict[str, Any] = {}
     if request.can_read_body:
         try:
             payload = _OperatorRequestIn.model_validate(await _json_body(request)).model_dump(exclude_none=True)
         except ValidationError as exc:
             raise InvalidInput.from_validation(exc) from None
-    definition = request.app[DEFINITIONS].get(instance.workflow.name, instance.workflow.version)
     try:
-        updated = await request.app[STORE].request(definition, instance.id, message_type, payload, utcnow())
+        updated = await request.app[STORE].request(
+            request.app[DEFINITIONS], workflow_id, message_type, payload, utcnow()
+        )
     except NotAllowed as exc:
-        raise WorkflowStateConflict(instance.id, str(exc)) from None
+        raise WorkflowStateConflict(workflow_id, str(exc)) from None
     except LookupError:
-        raise WorkflowNotFound(instance.id) from None
-    log.info("%s for workflow %s: %s", message_type, instance.id, payload, extra={"correlation_id": instance.id})
+        raise WorkflowNotFound(workflow_id) from None
+    log.info("%s for workflow %s: %s", message_type, workflow_id, payload, extra={"correlation_id": workflow_id})
     return _json(_detail(updated), status=202)
 
 

@@ -18,6 +18,7 @@ from contracts import naming
 from contracts.definitions import WorkflowDefinition
 from contracts.envelope import Envelope, encode
 from controller import state_machine
+from controller.definitions import Definitions
 from controller.instance import TERMINAL, HistoryEntry, Instance, WorkflowStatus
 from controller.instance_cache import InstanceCache
 from controller.timers import timer_member
@@ -154,7 +155,7 @@ class WorkflowStore:
 
     async def request(
         self,
-        definition: WorkflowDefinition,
+        definitions: Definitions,
         workflow_id: str,
         message_type: str,
         payload: dict[str, Any],
@@ -171,6 +172,7 @@ class WorkflowStore:
             if instance is None:
                 raise LookupError(workflow_id)
             state_machine.check_operator_request(instance, message_type)
+            definition = definitions.get(instance.workflow.name, instance.workflow.version)
             message = Envelope(
                 message_id=uuid.uuid4().hex,
                 type=message_type,

@@ -389,6 +389,23 @@ async def test_an_unknown_workflow_is_404(api: Api, path: str) -> None:
     assert_problem(await api.call("GET", path), 404, "id")
 
 
+@pytest.mark.parametrize("request_name", ["cancel", "retry"])
+async def test_an_operator_request_for_an_unknown_workflow_is_404(api: Api, request_name: str) -> None:
+    reply = await api.call("POST", f"/v1/workflows/no-such-id/{request_name}", json={"by": "ops"})
+
+    assert_problem(reply, 404, "id")
+
+
+async def test_an_operator_request_the_workflow_state_does_not_allow_is_409(api: Api) -> None:
+    workflow_id = await api.start_order()
+    await api.complete_order(workflow_id)
+
+    reply = await api.call("POST", f"/v1/workflows/{workflow_id}/cancel", json={"by": "ops"})
+
+    assert_problem(reply, 409, "id")
+    assert (await api.call("GET", f"/v1/workflows/{workflow_id}")).body["status"] == "completed"
+
+
 async def test_an_unknown_workflow_definition_is_404(api: Api) -> None:
     reply = await api.call("POST", "/v1/workflows/no-such-saga", json={})
 

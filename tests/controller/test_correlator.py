@@ -280,7 +280,7 @@ async def test_a_commit_chained_on_a_rejected_one_does_not_land(store: WorkflowS
     the first commit fails its version check, and so must the second, chained on it —
     even though its expected version happens to be the one the cancel produced."""
     snapshot = await start_order(store)
-    cancelled = await store.request(ORDER_SAGA, snapshot.id, CANCEL_REQUESTED, {"by": "op"}, utcnow())
+    cancelled = await store.request(Definitions(), snapshot.id, CANCEL_REQUESTED, {"by": "op"}, utcnow())
     assert cancelled.version == snapshot.version + 1
     first = state_machine.transition(ORDER_SAGA, snapshot, envelope(snapshot, "PaymentCaptured"), utcnow())
     second_event = envelope(snapshot, "InventoryReserved")
