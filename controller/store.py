@@ -333,23 +333,11 @@ class WorkflowStore:
 
     async def _run_starts(self) -> None:
         batch, self._starting = self._starting or [], None
-        commits = [commit for commit, _ in batch]
         try:
-            outcomes: list[CommitResult | Exception]
+            outcomes: list[CommitResult | ResponseError] | list[Exception]
             try:
-                outcomes = list(await self.script.run(self.redis, commits))
-            except ResponseError:
-                if len(commits) == 1:
-                    raise
-                # One script call's error hides the others' outcomes: run each alone, so the
-                # error reaches only its own caller.  The commits that landed the first time
-                # answer `dup` now, and their callers find their instance as a replay would.
-                outcomes = []
-                for commit in commits:
-                    try:
-                        outcomes += await self.script.run(self.redis, [commit])
-                    except ResponseError as exc:
-                        outcomes.append(exc)
+                # a commit the script refuses fails alone: the others' outcomes stand
+                outcomes = await self.script.run_each(self.redis, [commit for commit, _ in batch])
             except Exception as exc:  # Redis unreachable: nobody knows whether their start landed
                 outcomes = [exc] * len(batch)
             for (_, future), outcome in zip(batch, outcomes, strict=True):

@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from participants.sdk.scripts import Script
 
@@ -150,9 +151,20 @@ class CommitScript:
         self._script = Script(_SOURCE)
 
     async def run(self, redis: Redis, commits: list[Commit]) -> list[CommitResult]:
-        """Apply ``commits`` in order in one round trip; each is atomic on its own."""
+        """Apply ``commits`` in order in one round trip; each is atomic on its own.
+        A commit the script refused raises its error, after the others took effect."""
+        results: list[CommitResult] = []
+        for result in await self.run_each(redis, commits):
+            if isinstance(result, ResponseError):
+                raise result
+            results.append(result)
+        return results
+
+    async def run_each(self, redis: Redis, commits: list[Commit]) -> list[CommitResult | ResponseError]:
+        """As :meth:`run`, with the error of a commit the script refused (``WRONGTYPE``,
+        say) as that commit's result, so the callers of the others learn their outcomes."""
         raw = await self._script.call_many(redis, [(c.keys, c.argv()) for c in commits])
-        return [_result(r) for r in raw]
+        return [r if isinstance(r, ResponseError) else _result(r) for r in raw]
 
 
 def _text(value: Any) -> str:
@@ -160,7 +172,7 @@ def _text(value: Any) -> str:
 
 
 def _result(raw: Any) -> CommitResult:
-    if isinstance(raw, Exception):
+    if isinstance(raw, Exception):  # not a script error: the connection's, say
         raise raw
     outcome = Outcome(_text(raw[0]))
     if outcome is Outcome.OK:
