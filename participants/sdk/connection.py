@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
@@ -75,6 +77,8 @@ def connect(url: str, *, name: str | None = None, max_connections: int = MAX_CON
         client_name=name,
         decode_responses=False,
     )
-    # the URL's scheme chose the connection class (TCP, TLS, Unix socket): keep it, packed by hiredis
-    pool.connection_class = _PACKING.get(pool.connection_class, pool.connection_class)
+    # the URL's scheme chose the connection class (TCP, TLS, Unix socket): keep it, packed by
+    # hiredis — which writes text as UTF-8, so a URL that asks for another encoding keeps redis-py's
+    if codecs.lookup(pool.connection_kwargs.get("encoding", "utf-8")).name == "utf-8":
+        pool.connection_class = _PACKING.get(pool.connection_class, pool.connection_class)
     return Redis.from_pool(pool)

@@ -43,6 +43,18 @@ def test_the_urls_scheme_still_chooses_the_transport() -> None:
     assert issubclass(HiredisUnixConnection, UnixDomainSocketConnection)
 
 
+async def test_a_url_asking_for_another_encoding_is_served_in_it(redis_url: str) -> None:
+    # hiredis packs text as UTF-8: such a client keeps redis-py's packing, which honours the URL
+    client: Redis = connect(f"{redis_url}{'&' if '?' in redis_url else '?'}encoding=latin-1")
+    try:
+        assert client.connection_pool.connection_class is Connection
+        await client.set("latin", "é")
+        assert await client.get("latin") == b"\xe9"
+    finally:
+        await client.delete("latin")
+        await client.aclose()
+
+
 async def test_commands_and_pipelines_round_trip_through_a_real_server(redis_url: str) -> None:
     client: Redis = connect(redis_url, name="packing-test")
     try:
