@@ -26,7 +26,7 @@ from controller import api, liveness, metrics
 from controller.correlator import Correlator
 from controller.definitions import Definitions
 from controller.instance_cache import InstanceCache
-from controller.progress import MAX_BLOCK_MS, ProgressHub
+from controller.progress import ProgressHub
 from controller.retention import Retention
 from controller.settings import ControllerSettings
 from controller.store import WorkflowStore
@@ -174,7 +174,7 @@ async def _progress(app: web.Application) -> AsyncIterator[None]:
     hub = ProgressHub(
         reader,
         settings.partitions,
-        block_ms=min(settings.block_ms, MAX_BLOCK_MS),
+        block_ms=settings.block_ms,
         buffer_events=settings.sse_buffer_events,
         keepalive_s=settings.sse_keepalive_s,
     )

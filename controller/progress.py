@@ -39,12 +39,12 @@ from redis.exceptions import RedisError
 from contracts import naming
 from controller.errors import Unavailable
 from controller.instance import TERMINAL, Instance
+from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS
 
 log = logging.getLogger(__name__)
 
 READ_COUNT = 500
 """Entries per stream per XREAD."""
-MAX_BLOCK_MS = 1_000
 RECONNECT_S = 1.0
 RETRY_MS = 2_000
 """The reconnection delay the streams advise (their first line, ``retry:``)."""
@@ -363,7 +363,7 @@ class ProgressHub:
         redis: Redis,
         partitions: int,
         *,
-        block_ms: int = MAX_BLOCK_MS,
+        block_ms: int = DEFAULT_BLOCK_MS,
         buffer_events: int = 1_000,
         keepalive_s: float = 15.0,
     ) -> None:

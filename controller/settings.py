@@ -7,6 +7,7 @@ from pathlib import Path
 
 from contracts.naming import DEFAULT_PARTITIONS
 from controller import instance_cache
+from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS
 from participants.sdk.runner import default_consumer
 
 REDIS_URL_ENV = "STREAMSAGA_REDIS_URL"
@@ -24,7 +25,7 @@ class ControllerSettings:
     partitions: int = DEFAULT_PARTITIONS
     consumer: str = field(default_factory=default_consumer)
     batch: int = 200
-    block_ms: int = 1_000
+    block_ms: int = DEFAULT_BLOCK_MS
     retention_s: int = 7 * 86_400
     definitions_path: Path | None = None
     claim_idle_ms: int = 5_000
@@ -58,6 +59,8 @@ class ControllerSettings:
         for name in ("batch", "block_ms", "retention_s", "claim_idle_ms", "max_deliveries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.block_ms > MAX_BLOCK_MS:
+            raise ValueError(f"block_ms must be at most {MAX_BLOCK_MS}, not {self.block_ms}")
         if not 0 < self.timer_interval_s <= 1:
             raise ValueError(f"timer_interval_s must be within (0, 1], not {self.timer_interval_s}")
         for name in ("liveness_grace_s", "liveness_forget_s"):

@@ -14,6 +14,8 @@ from redis.typing import EncodableT
 # or redis-py would treat a quiet stream as a dead connection.
 SOCKET_TIMEOUT_S = 10.0
 MAX_BLOCK_MS = 2_000
+DEFAULT_BLOCK_MS = 1_000
+"""How long a reader blocks by default: also how long a stop may wait for its read."""
 MAX_CONNECTIONS = 64
 
 

@@ -22,7 +22,7 @@ from contracts import naming
 from contracts.envelope import DecodeError, Envelope, decode
 from contracts.messages import Wire, parse_payload, validate_payload
 from participants.sdk.commit import Commit, CommitScript
-from participants.sdk.connection import MAX_BLOCK_MS
+from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class GroupReader:
         streams: Iterable[str],
         *,
         count: int = 200,
-        block_ms: int = 1_000,
+        block_ms: int = DEFAULT_BLOCK_MS,
         policy: RetryPolicy | None = None,
         script: CommitScript | None = None,
     ) -> None:

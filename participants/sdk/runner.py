@@ -45,7 +45,7 @@ from contracts.messages import PayloadError, Wire
 from participants.sdk import tracing
 from participants.sdk.autopipeline import AutoPipelineRedis
 from participants.sdk.commit import Commit, CommitResult, CommitScript, Outcome
-from participants.sdk.connection import connect
+from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS, connect
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit, decode_entry_parsed
 from participants.sdk.errors import Reject, Retry
 from participants.sdk.logs import log_context
@@ -55,7 +55,6 @@ from participants.sdk.participant import Message, Participant, Reply
 log = logging.getLogger(__name__)
 
 OUTCOME_TTL_S = 7 * 86_400
-MAX_BLOCK_MS = 1_000
 _PAUSE_AFTER_ERROR_S = 0.5
 _STOP_GRACE_S = 5.0
 
@@ -79,7 +78,7 @@ class RunnerSettings:
     """Handlers in flight at once."""
     batch: int = 200
     """Entries per XREADGROUP."""
-    block_ms: int = MAX_BLOCK_MS
+    block_ms: int = DEFAULT_BLOCK_MS
     max_deliveries: int = 5
     retry_base_ms: int = 500
     """Backoff before the second try; it doubles with every further try."""

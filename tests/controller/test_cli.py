@@ -277,6 +277,11 @@ def test_invalid_arguments_exit_with_status_2(argv: list[str]) -> None:
     assert exited.value.code == 2
 
 
+def test_settings_the_controller_refuses_exit_with_status_2_naming_them(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["controller", "--block-ms", "5000"]) == 2
+    assert "block_ms must be at most 2000" in capsys.readouterr().err
+
+
 # --- dev ----------------------------------------------------------------------------
 
 
