@@ -17,8 +17,9 @@ if [ -z "$python" ]; then
 fi
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
+  # a new venv's pip may predate editable installs from pyproject.toml (PEP 660)
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 target="."
 [ -n "${STREAMSAGA_EXTRAS:-}" ] && target=".[${STREAMSAGA_EXTRAS}]"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$target"
