@@ -102,13 +102,37 @@ class Interrupted(Exception):
 def run(options: Options) -> Report:
     """Start what the options ask for, measure, stop everything."""
     report = Report(options)
+    with bench_environment(report, "streamsaga-bench-") as (redis_url, log_dir):
+        run_id = uuid.uuid4().hex[:8]
+        if not options.skip_streamsaga:
+            with Children(log_dir) as children:
+                api_url = _start_streamsaga(children, options, redis_url)
+                asyncio.run(_Drive(report, children, redis_url).streamsaga(api_url, run_id))
+        if not options.skip_baseline:
+            with Children(log_dir) as children:
+                for stage in baseline.stages(options.baseline_steps):
+                    args = [sys.executable, "-m", "bench.baseline", "--redis-url", redis_url]
+                    args += ["--stage", stage.participant, "--partitions", str(options.partitions)]
+                    args += ["--batch", str(options.batch)]
+                    children.start(f"baseline-{stage.participant}", args)
+                asyncio.run(_Drive(report, children, redis_url).baseline(run_id))
+    return report
+
+
+@contextlib.contextmanager
+def bench_environment(report: Report, log_prefix: str) -> Iterator[tuple[str, Path]]:
+    """What a run stands on: its Redis (``--redis-url``, else an embedded one) and the
+    directory for the processes' logs, yielded as (Redis URL, log dir).  Records the
+    machine in ``report.environment``; the logs are removed after a run that
+    succeeded, unless ``--log-dir`` named where to keep them."""
+    options = report.options
     report.environment = {
         "cpus": os.cpu_count(),
         "load_average_before": load_average(),
         "python": sys.version.split()[0],
         "partitions": options.partitions,
     }
-    log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="streamsaga-bench-"))
+    log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix=log_prefix))
     log_dir.mkdir(parents=True, exist_ok=True)
     report.environment["log_dir"] = str(log_dir)
     succeeded = False
@@ -122,19 +146,7 @@ def run(options: Options) -> Report:
                     server = stack.enter_context(EmbeddedRedis())
                 redis_url = server.url
                 report.environment["redis"] = f"embedded {server.binary}"
-            run_id = uuid.uuid4().hex[:8]
-            if not options.skip_streamsaga:
-                with Children(log_dir) as children:
-                    api_url = _start_streamsaga(children, options, redis_url)
-                    asyncio.run(_Drive(report, children, redis_url).streamsaga(api_url, run_id))
-            if not options.skip_baseline:
-                with Children(log_dir) as children:
-                    for stage in baseline.stages(options.baseline_steps):
-                        args = [sys.executable, "-m", "bench.baseline", "--redis-url", redis_url]
-                        args += ["--stage", stage.participant, "--partitions", str(options.partitions)]
-                        args += ["--batch", str(options.batch)]
-                        children.start(f"baseline-{stage.participant}", args)
-                    asyncio.run(_Drive(report, children, redis_url).baseline(run_id))
+            yield redis_url, log_dir
         succeeded = True
     finally:
         report.environment["load_average_after"] = load_average()
@@ -143,7 +155,6 @@ def run(options: Options) -> Report:
             report.environment["log_dir"] = None
         elif not succeeded:
             log.info("process logs kept in %s", log_dir)
-    return report
 
 
 # --- starting streamsaga ------------------------------------------------------------

@@ -24,11 +24,9 @@ import logging
 import math
 import os
 import resource
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -43,19 +41,18 @@ from redis.exceptions import RedisError
 
 from bench.completion import CompletionWatcher
 from bench.load import Submitter, closed_loop
-from bench.processes import ChildFailed, Children, load_average
+from bench.processes import ChildFailed, Children
 from bench.run import (
     BenchError,
     Interrupted,
     Options,
     Report,
     _Drive,
-    _sigint_blocked,
     _start_streamsaga,
+    bench_environment,
     terminate_as_interrupt,
 )
 from bench.stats import PhaseResult, percentile
-from controller.embedded_redis import EmbeddedRedis
 from participants.sdk import collector
 
 log = logging.getLogger(__name__)
@@ -395,37 +392,13 @@ class _SseDrive(_Drive):
 def run_sse(options: Options, sse: SseOptions) -> SseReport:
     """Start the deployment, measure both phases, stop everything."""
     result = SseReport(Report(options), sse)
-    report = result.report
-    report.environment = {
-        "cpus": os.cpu_count(),
-        "load_average_before": load_average(),
-        "python": sys.version.split()[0],
-        "partitions": options.partitions,
-    }
-    log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="streamsaga-bench-sse-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    succeeded = False
-    try:
-        with contextlib.ExitStack() as stack:
-            if options.redis_url:
-                redis_url = options.redis_url
-                report.environment["redis"] = "external"
-            else:
-                with _sigint_blocked():
-                    server = stack.enter_context(EmbeddedRedis())
-                redis_url = server.url
-                report.environment["redis"] = f"embedded {server.binary}"
-            with Children(log_dir) as children:
-                api_url = _start_streamsaga(children, options, redis_url)
-                drive = _SseDrive(result, children, redis_url, api_url)
-                asyncio.run(drive.streamsaga(api_url, uuid.uuid4().hex[:8]))
-        succeeded = True
-    finally:
-        report.environment["load_average_after"] = load_average()
-        if options.log_dir is None and succeeded:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        elif not succeeded:
-            log.info("process logs kept in %s", log_dir)
+    with (
+        bench_environment(result.report, "streamsaga-bench-sse-") as (redis_url, log_dir),
+        Children(log_dir) as children,
+    ):
+        api_url = _start_streamsaga(children, options, redis_url)
+        drive = _SseDrive(result, children, redis_url, api_url)
+        asyncio.run(drive.streamsaga(api_url, uuid.uuid4().hex[:8]))
     return result
 
 
