@@ -44,7 +44,7 @@ from bench.stats import PhaseResult
 from contracts import naming
 from contracts.definitions import ORDER_SAGA
 from controller.embedded_redis import EmbeddedRedis, free_port
-from participants.sdk.connection import connect
+from participants.sdk.connection import connect, text
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ class _Drive:
             missing = [
                 (stream, group)
                 for (stream, group), reply in zip(missing, replies, strict=True)
-                if isinstance(reply, ResponseError) or group not in {_text(g["name"]) for g in reply}
+                if isinstance(reply, ResponseError) or group not in {text(g["name"]) for g in reply}
             ]
             if not missing:
                 return
@@ -445,10 +445,6 @@ def _sigint_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:

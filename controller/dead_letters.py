@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 
 from contracts import naming
 from participants.sdk.commit import Commit, CommitScript, Outcome
+from participants.sdk.connection import text
 from participants.sdk.consumer import DLQ_FIELD_PREFIX
 
 MAX_SCAN_PAGE = 500  # entries per XREVRANGE when a filter may skip some
@@ -70,11 +71,11 @@ class DeadLetterId:
     entry_id: str
 
     @classmethod
-    def parse(cls, text: str) -> DeadLetterId:
+    def parse(cls, raw: str) -> DeadLetterId:
         """Parse ``<partition>-<entry id>``, or raise :class:`InvalidDeadLetterId`."""
-        match = _ID.match(text)
+        match = _ID.match(raw)
         if match is None:
-            raise InvalidDeadLetterId(text)
+            raise InvalidDeadLetterId(raw)
         return cls(int(match[1]), match[2])
 
     def __str__(self) -> str:
@@ -112,10 +113,6 @@ class DeadLetter(BaseModel):
         return DeadLetterId.parse(self.id).entry_id
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
 def _ms_of(entry_id: str) -> int:
     return int(entry_id.partition("-")[0])
 
@@ -143,7 +140,7 @@ def parse_entry(partition: int, entry_id: str, raw: dict[Any, Any]) -> DeadLette
     Tolerant: a dead letter written by a consumer in another language may lack a
     field; what is missing reads as empty (or 0 deliveries, or the entry's time).
     """
-    fields = {_text(name): _text(value) for name, value in raw.items()}
+    fields = {text(name): text(value) for name, value in raw.items()}
     originals = {
         name.removeprefix(DLQ_FIELD_PREFIX): value
         for name, value in fields.items()
@@ -217,13 +214,13 @@ async def list_dead_letters(
             replies: list[Any] = await pipe.execute()
         for p, entries in zip(list(cursor), replies, strict=True):
             for raw_id, raw in entries:
-                letter = parse_entry(p, _text(raw_id), raw)
+                letter = parse_entry(p, text(raw_id), raw)
                 if wanted.keeps(letter):
                     found[p].append(letter)
             if len(entries) < page or len(found[p]) >= limit:
                 del cursor[p]
             else:
-                cursor[p] = "(" + _text(entries[-1][0])
+                cursor[p] = "(" + text(entries[-1][0])
     merged = [letter for letters in found.values() for letter in letters]
     merged.sort(key=lambda letter: (_order(letter.entry_id), letter.partition), reverse=True)
     return merged[:limit]

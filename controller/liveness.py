@@ -33,6 +33,7 @@ from redis.exceptions import ResponseError
 
 from contracts import naming
 from contracts.definitions import StepDefinition, WorkflowDefinition
+from participants.sdk.connection import text
 from participants.sdk.scripts import Script
 
 log = logging.getLogger(__name__)
@@ -351,9 +352,9 @@ async def _read_beats(redis: Redis) -> list[tuple[str, bytes, _Beat]]:
     """Every beat of the heartbeat hash that parses, as (field, raw value, beat)."""
     raw = await redis.hgetall(naming.heartbeat_key())
     beats: list[tuple[str, bytes, _Beat]] = []
-    for name, text in raw.items():
-        value = text.encode() if isinstance(text, str) else text
-        beat_field = _text(name)
+    for name, stored in raw.items():
+        value = stored.encode() if isinstance(stored, str) else stored
+        beat_field = text(name)
         try:
             beat = _Beat.model_validate_json(value)
         except ValidationError as exc:
@@ -430,7 +431,7 @@ async def _lags(redis: Redis, partitions: int, wanted: Mapping[str, Collection[s
             continue  # nothing was ever written or read there
         if isinstance(reply, Exception):
             raise reply
-        found = {_text(_get(info, "name")): info for info in reply}
+        found = {text(_get(info, "name")): info for info in reply}
         for group in readers[message_type]:
             key = (group, message_type)
             info = found.get(group)
@@ -440,7 +441,7 @@ async def _lags(redis: Redis, partitions: int, wanted: Mapping[str, Collection[s
             pending = int(_get(info, "pending") or 0)
             undelivered = _get(info, "lag")
             if undelivered is None:  # Redis 6.2, or Redis 7 that cannot tell
-                last = _text(_get(info, "last-delivered-id") or "0-0")
+                last = text(_get(info, "last-delivered-id") or "0-0")
                 to_count.append((group, message_type, stream, last, pending))
             else:
                 lags[key] = lags.get(key, Lag()) + Lag(int(undelivered), pending)
@@ -459,10 +460,6 @@ async def _lags(redis: Redis, partitions: int, wanted: Mapping[str, Collection[s
 def _get(info: Mapping[Any, Any], name: str) -> Any:
     """A member of an XINFO reply, whichever way the client decoded its names."""
     return info[name] if name in info else info.get(name.encode())
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _iso(ms: int) -> str:

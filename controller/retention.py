@@ -26,6 +26,7 @@ from contracts import naming
 from contracts.messages import TIMER_FIRED
 from controller.definitions import Definitions
 from controller.instance import TERMINAL
+from participants.sdk.connection import text
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +38,17 @@ def _parse(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def trim_point(groups: list[dict[str, Any]], oldest_pending: dict[str, str | None], floor_ms: int) -> str:
     """The lowest id still needed: no group's oldest pending entry or next undelivered
     entry, and nothing written after ``floor_ms``, lies below it."""
     needed: list[tuple[int, int]] = [(floor_ms, 0)]
     for group in groups:
-        name = _text(group["name"])
+        name = text(group["name"])
         pending = oldest_pending.get(name)
         if pending:
             needed.append(_parse(pending))
         else:
-            ms, seq = _parse(_text(group["last-delivered-id"]))
+            ms, seq = _parse(text(group["last-delivered-id"]))
             needed.append((ms, seq + 1))
     ms, seq = min(needed)
     return f"{ms}-{seq}"
@@ -102,13 +99,13 @@ async def trim_streams(redis: Redis, streams: list[str], *, min_age_s: float = D
                 continue  # no such stream
             for group in groups:
                 if int(group["pending"]):
-                    asked.append((stream, _text(group["name"])))
-                    pipe.xpending(stream, _text(group["name"]))
+                    asked.append((stream, text(group["name"])))
+                    pipe.xpending(stream, text(group["name"]))
         summaries = await pipe.execute(raise_on_error=False)
     oldest: dict[str, dict[str, str | None]] = {}
     for (stream, name), summary in zip(asked, summaries, strict=True):
         if isinstance(summary, dict) and summary.get("min"):
-            oldest.setdefault(stream, {})[name] = _text(summary["min"])
+            oldest.setdefault(stream, {})[name] = text(summary["min"])
     async with redis.pipeline(transaction=False) as pipe:
         for stream, groups in zip(streams, infos, strict=True):
             if not isinstance(groups, Exception):

@@ -17,6 +17,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from participants.sdk.connection import text
 from participants.sdk.scripts import Script
 
 _SOURCE = resources.files(__package__).joinpath("commit.lua").read_text()
@@ -167,14 +168,10 @@ class CommitScript:
         return [r if isinstance(r, ResponseError) else _result(r) for r in raw]
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _result(raw: Any) -> CommitResult:
     if isinstance(raw, Exception):  # not a script error: the connection's, say
         raise raw
-    outcome = Outcome(_text(raw[0]))
+    outcome = Outcome(text(raw[0]))
     if outcome is Outcome.OK:
-        return CommitResult(outcome, added=tuple(_text(entry_id) for entry_id in raw[2:]))
-    return CommitResult(outcome, _text(raw[1]) if len(raw) > 1 else None)
+        return CommitResult(outcome, added=tuple(text(entry_id) for entry_id in raw[2:]))
+    return CommitResult(outcome, text(raw[1]) if len(raw) > 1 else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+from typing import Any
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -84,3 +85,9 @@ def connect(url: str, *, name: str | None = None, max_connections: int = MAX_CON
     if codecs.lookup(pool.connection_kwargs.get("encoding", "utf-8")).name == "utf-8":
         pool.connection_class = _PACKING.get(pool.connection_class, pool.connection_class)
     return Redis.from_pool(pool)
+
+
+def text(value: Any) -> str:
+    """A value from a Redis reply (bytes: clients from :func:`connect` do not decode) as text;
+    bytes that are not UTF-8 are shown with replacement characters rather than refused."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

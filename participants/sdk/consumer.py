@@ -22,7 +22,7 @@ from contracts import naming
 from contracts.envelope import DecodeError, Envelope, decode
 from contracts.messages import Wire, parse_payload, validate_payload
 from participants.sdk.commit import Commit, CommitScript
-from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS
+from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS, text
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ class RetryPolicy:
             return idle_ms >= self.claim_idle_ms
         backoff: int = min(self.base_ms * 2 ** max(deliveries - 1, 0), self.max_ms)
         return idle_ms >= backoff
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def decode_entry(entry: Entry, partitions: int) -> Envelope:
@@ -167,7 +163,7 @@ class GroupReader:
             await self.ensure_groups()
             return []
         return [
-            Entry(_text(stream), _text(entry_id), fields or {})
+            Entry(text(stream), text(entry_id), fields or {})
             for stream, entries in reply or []
             for entry_id, fields in entries
         ]
@@ -192,8 +188,8 @@ class GroupReader:
             if isinstance(rows, Exception):
                 continue
             for row in rows:
-                entry_id = _text(row["message_id"])
-                own = _text(row["consumer"]) == self.consumer
+                entry_id = text(row["message_id"])
+                own = text(row["consumer"]) == self.consumer
                 if own and (stream, entry_id) in exclude:
                     continue
                 deliveries = int(row["times_delivered"])
@@ -213,7 +209,7 @@ class GroupReader:
                 log.warning("cannot claim from %s: %s", stream, entries)
                 continue
             counts = dict(rows)
-            found = {_text(entry_id): fields for entry_id, fields in entries if fields is not None}
+            found = {text(entry_id): fields for entry_id, fields in entries if fields is not None}
             for entry_id, previous in counts.items():
                 if entry_id not in found:
                     vanished.append((stream, entry_id))  # trimmed or deleted; nothing to do
