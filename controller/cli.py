@@ -23,6 +23,7 @@ from contracts.definitions import ORDER_SAGA
 from controller.exit_status import ALL_EXIT_STATUS_HELP, EXIT_STATUS_HELP
 from controller.settings import DEFAULT_REDIS_URL, REDIS_URL_ENV, ControllerSettings
 from participants.sdk import collector, logs
+from participants.sdk.connection import MAX_BLOCK_MS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -192,7 +193,10 @@ def _controller_parser(sub: Any) -> None:
     )
     p.add_argument("--batch", type=_positive, default=d.batch, help="entries per read (default: %(default)s)")
     p.add_argument(
-        "--block-ms", type=_positive, default=d.block_ms, help="longest blocking read, ms (default: %(default)s)"
+        "--block-ms",
+        type=_positive,
+        default=d.block_ms,
+        help=f"longest blocking read, ms, at most {MAX_BLOCK_MS} (default: %(default)s)",
     )
     p.add_argument(
         "--retention-s",
