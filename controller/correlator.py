@@ -29,7 +29,7 @@ from controller.instance import Instance, WorkflowStatus
 from controller.store import WorkflowStore
 from participants.sdk import tracing
 from participants.sdk.commit import Commit, Outcome
-from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, decode_entry
+from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, decode_entry, entry_order
 from participants.sdk.metrics import DeadLetterReason, dead_letter_reason
 
 if TYPE_CHECKING:
@@ -267,4 +267,4 @@ def _timer_step(envelope: Envelope) -> str | None:
 
 
 def _time_order(item: tuple[Entry, Envelope]) -> tuple[int, datetime]:
-    return int(item[0].id.partition("-")[0]), item[1].occurred_at
+    return entry_order(item[0].id)[0], item[1].occurred_at

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from contracts import naming
 from participants.sdk.commit import Commit, CommitScript, Outcome
 from participants.sdk.connection import text
-from participants.sdk.consumer import DLQ_FIELD_PREFIX
+from participants.sdk.consumer import DLQ_FIELD_PREFIX, entry_order
 
 MAX_SCAN_PAGE = 500  # entries per XREVRANGE when a filter may skip some
 # The fields every entry of a message stream needs (docs/wire-contract.md, "Stream entry fields").
@@ -113,15 +113,6 @@ class DeadLetter(BaseModel):
         return DeadLetterId.parse(self.id).entry_id
 
 
-def _ms_of(entry_id: str) -> int:
-    return int(entry_id.partition("-")[0])
-
-
-def _order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _stream_type(stream: str) -> str | None:
     """The message type of a message stream, or None if ``stream`` is not one."""
     if ":msg:" not in stream:
@@ -159,7 +150,7 @@ def parse_entry(partition: int, entry_id: str, raw: dict[Any, Any]) -> DeadLette
         consumer=fields.get("consumer", ""),
         deliveries=int(deliveries) if deliveries.isdigit() else 0,
         failed_at=datetime.fromtimestamp(
-            (int(failed_at_ms) if failed_at_ms.isdigit() else _ms_of(entry_id)) / 1000, UTC
+            (int(failed_at_ms) if failed_at_ms.isdigit() else entry_order(entry_id)[0]) / 1000, UTC
         ),
         type=originals.get(naming.FIELD_TYPE) or _stream_type(source_stream),
         correlation_id=originals.get(naming.FIELD_CORRELATION_ID),
@@ -222,7 +213,7 @@ async def list_dead_letters(
             else:
                 cursor[p] = "(" + text(entries[-1][0])
     merged = [letter for letters in found.values() for letter in letters]
-    merged.sort(key=lambda letter: (_order(letter.entry_id), letter.partition), reverse=True)
+    merged.sort(key=lambda letter: (entry_order(letter.entry_id), letter.partition), reverse=True)
     return merged[:limit]
 
 

@@ -27,9 +27,10 @@ from typing import Any
 import aiohttp
 import orjson
 
+from controller.progress import EVENT_STREAM
+
 log = logging.getLogger(__name__)
 
-EVENT_STREAM = "text/event-stream"
 DEFAULT_RETRY_S = 1.0
 DEFAULT_MAX_FAILURES = 10
 # A stream stays open as long as the server likes: no total or read limit, only one on connecting.

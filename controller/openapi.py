@@ -35,11 +35,11 @@ from pydantic import BaseModel
 from contracts.schema import ID_PREFIX, schemas
 from controller.dead_letters import DeadLetter
 from controller.instance import HIDDEN_FIELDS, SUMMARY_FIELDS, HistoryEntry, Instance, StepState, WorkflowStatus
+from controller.progress import EVENT_STREAM
 
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
-EVENT_STREAM = "text/event-stream"
 SCHEMA_REF = "#/components/schemas/"
 RESPONSE_REF = "#/components/responses/"
 CONTRACTS_PATH = "/v1/contracts"

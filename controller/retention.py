@@ -27,15 +27,11 @@ from contracts.messages import TIMER_FIRED
 from controller.definitions import Definitions
 from controller.instance import TERMINAL
 from participants.sdk.connection import text
+from participants.sdk.consumer import entry_order
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_AGE_S = 3_600
-
-
-def _parse(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def trim_point(groups: list[dict[str, Any]], oldest_pending: dict[str, str | None], floor_ms: int) -> str:
@@ -46,9 +42,9 @@ def trim_point(groups: list[dict[str, Any]], oldest_pending: dict[str, str | Non
         name = text(group["name"])
         pending = oldest_pending.get(name)
         if pending:
-            needed.append(_parse(pending))
+            needed.append(entry_order(pending))
         else:
-            ms, seq = _parse(text(group["last-delivered-id"]))
+            ms, seq = entry_order(text(group["last-delivered-id"]))
             needed.append((ms, seq + 1))
     ms, seq = min(needed)
     return f"{ms}-{seq}"

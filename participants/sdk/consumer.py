@@ -61,6 +61,12 @@ class RetryPolicy:
         return idle_ms >= backoff
 
 
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ``<ms>-<seq>`` as (ms, seq), to compare ids as Redis orders them."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def decode_entry(entry: Entry, partitions: int) -> Envelope:
     """The envelope of a message-stream entry, checked against where it was found.
 
