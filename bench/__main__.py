@@ -6,14 +6,21 @@ import argparse
 import logging
 import signal
 import sys
-from pathlib import Path
 
 import orjson
 from redis.exceptions import RedisError
 
 from bench import report
 from bench.processes import ChildFailed
-from bench.run import BenchError, Interrupted, Options, run, terminate_as_interrupt
+from bench.run import (
+    BenchError,
+    Interrupted,
+    Options,
+    add_deployment_arguments,
+    add_output_arguments,
+    run,
+    terminate_as_interrupt,
+)
 from participants.sdk import collector
 
 
@@ -55,18 +62,9 @@ def parse(argv: list[str] | None = None, prog: str = "python -m bench") -> tuple
         help="seconds a workflow may take before it counts as timed out (default: %(default)s)",
     )
     system = parser.add_argument_group("system under test")
-    system.add_argument(
-        "--partitions", type=int, default=defaults.partitions, help="partitions of every process (default: %(default)s)"
-    )
-    system.add_argument("--redis-url", help="use this Redis instead of starting an embedded one; it gets written to")
+    add_deployment_arguments(system, defaults)
     system.add_argument(
         "--worker-concurrency", type=int, help="--concurrency of every worker (default: the worker's own)"
-    )
-    system.add_argument(
-        "--cli",
-        metavar="COMMAND",
-        help="command line that runs `streamsaga` (default: the one installed beside this Python), "
-        "e.g. a wrapper to try a change",
     )
     system.add_argument(
         "--log-level",
@@ -104,20 +102,8 @@ def parse(argv: list[str] | None = None, prog: str = "python -m bench") -> tuple
         help="baseline XREADGROUP COUNT, as the workers' and controller's default (default: %(default)s)",
     )
     output = parser.add_argument_group("output")
-    output.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    output.add_argument(
-        "--log-dir",
-        type=Path,
-        help="keep the processes' logs here (default: a temporary directory, kept only if the run fails)",
-    )
-    output.add_argument(
-        "--profile",
-        type=Path,
-        metavar="DIR",
-        help="py-spy record the controller and the payment worker during the closed loop into DIR",
-    )
+    add_output_arguments(output, "the closed loop")
     output.add_argument("--check", action="store_true", help="exit 1 if a target is not met")
-    output.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.orders < 1 or args.concurrency < 1 or args.rate <= 0 or args.duration <= 0 or args.warmup < 1:
         parser.error("--orders, --concurrency, --rate, --duration and --warmup must be positive")

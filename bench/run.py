@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from argparse import _ArgumentGroup as ArgumentGroup
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,37 @@ class BenchError(RuntimeError):
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM: the run stopped early."""
+
+
+def add_deployment_arguments(group: ArgumentGroup, defaults: Options) -> None:
+    """The options of the deployment under test that every bench command shares."""
+    group.add_argument(
+        "--partitions", type=int, default=defaults.partitions, help="partitions of every process (default: %(default)s)"
+    )
+    group.add_argument("--redis-url", help="use this Redis instead of starting an embedded one; it gets written to")
+    group.add_argument(
+        "--cli",
+        metavar="COMMAND",
+        help="command line that runs `streamsaga` (default: the one installed beside this Python), "
+        "e.g. a wrapper to try a change",
+    )
+
+
+def add_output_arguments(group: ArgumentGroup, profiled: str) -> None:
+    """The output options every bench command shares; ``profiled``: the phase --profile records."""
+    group.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    group.add_argument(
+        "--log-dir",
+        type=Path,
+        help="keep the processes' logs here (default: a temporary directory, kept only if the run fails)",
+    )
+    group.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help=f"py-spy record the controller and the payment worker during {profiled} into DIR",
+    )
+    group.add_argument("-v", "--verbose", action="store_true")
 
 
 def run(options: Options) -> Report:

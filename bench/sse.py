@@ -32,7 +32,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -49,6 +48,8 @@ from bench.run import (
     Report,
     _Drive,
     _start_streamsaga,
+    add_deployment_arguments,
+    add_output_arguments,
     bench_environment,
     terminate_as_interrupt,
 )
@@ -496,19 +497,9 @@ def parse(argv: list[str] | None = None) -> tuple[Options, SseOptions, argparse.
     parser.add_argument(
         "--concurrency", type=int, default=defaults.concurrency, help="closed-loop clients (default: %(default)s)"
     )
-    parser.add_argument("--partitions", type=int, default=defaults.partitions, help="partitions (default: %(default)s)")
-    parser.add_argument("--redis-url", help="use this Redis instead of starting an embedded one; it gets written to")
-    parser.add_argument("--cli", metavar="COMMAND", help="command line that runs `streamsaga`")
     parser.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds a workflow may take")
-    parser.add_argument("--log-dir", type=Path, help="keep the processes' logs here")
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        metavar="DIR",
-        help="py-spy record the controller and the payment worker during the phase with clients into DIR",
-    )
-    parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_deployment_arguments(parser.add_argument_group("system under test"), defaults)
+    add_output_arguments(parser.add_argument_group("output"), "the phase with clients")
     args = parser.parse_args(argv)
     if min(args.clients, args.orders, args.warmup, args.concurrency, args.partitions) < 1 or args.probes < 0:
         parser.error("--clients, --orders, --warmup, --concurrency and --partitions must be positive")
