@@ -151,6 +151,9 @@ class Correlator:
         commits: list[Commit] = []
         owners: list[tuple[str, int]] = []  # (workflow id, index of its message) per commit
         decided: list[tuple[Instance, state_machine.Transition, Envelope]] = []  # per commit
+        # messages no transition could be decided for, by workflow: dead-lettered unless
+        # the workflow is decided again (then its next round finds them again)
+        failed: dict[str, list[_Rejected]] = {}
         for workflow_id, messages in work.items():
             instance = instances[workflow_id]
             if instance is None:
@@ -175,7 +178,7 @@ class Correlator:
                     # messages go to the dead letters with the error; the rest of the batch lands
                     log.exception("cannot apply %s", envelope.type, extra={"correlation_id": workflow_id})
                     reason = f"the controller failed to apply it: {type(exc).__name__}: {exc}"
-                    rejected += [(e, reason, DeadLetterReason.REJECTED) for e, _ in messages[index:]]
+                    failed[workflow_id] = [(e, reason, DeadLetterReason.REJECTED) for e, _ in messages[index:]]
                     break
                 # a commit chained on the one before lands only if that one did
                 commits.append(self.store.commit(current, result, cause=entry, after=previous))
@@ -208,6 +211,9 @@ class Correlator:
                 # this and every later message of the workflow must be decided again
                 self.conflicts += 1
                 retry[workflow_id] = work[workflow_id][index:]
+        for workflow_id, letters in failed.items():
+            if workflow_id not in retry:
+                rejected += letters
         return retry
 
     def _read_back(self, instance: Instance, envelope: Envelope) -> bool:

@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from contracts import naming
-from contracts.definitions import ORDER_SAGA
+from contracts.definitions import ORDER_SAGA, WorkflowDefinition
 from contracts.envelope import Envelope, encode, utcnow
 from contracts.messages import CANCEL_REQUESTED
 from controller import state_machine
@@ -378,6 +378,36 @@ async def test_a_controller_whose_cached_instance_another_controller_moved_on_re
     assert [h.type for h in history] == ["OrderSubmitted", "PaymentCaptured", "InventoryReserved", "ShipmentScheduled"]
     assert [h.seq for h in history] == [0, 1, 2, 3]
     assert first.cache.get(instance.id) is None  # moved on elsewhere: read from Redis next time
+
+
+async def test_a_message_that_cannot_be_applied_is_dead_lettered_once_when_its_workflow_is_decided_again(
+    redis: Redis,
+) -> None:
+    # a definition changed under a running workflow: CustomerNotified now also starts a
+    # step the workflow never had, so deciding it fails (a KeyError in the state machine)
+    dumped = ORDER_SAGA.model_dump()
+    audit = {"name": "audit", "participant": "auditor", "trigger": "CustomerNotified", "completed": "Audited"}
+    changed = WorkflowDefinition.model_validate({**dumped, "steps": [*dumped["steps"], audit]})
+    first, second = WorkflowStore(redis, P), WorkflowStore(redis, P)
+    a = Correlator(redis, first, Definitions([changed]), "a", block_ms=20, policy=FAST)
+    b = correlator(second, "b")
+    await a.prepare()
+    await b.prepare()
+    instance = await start_order(first)  # `first` caches version 1
+    await emit(first, envelope(instance, "PaymentCaptured"))
+    await b.handle(await b.reader.read())  # b moves the workflow to version 2 behind a's cache
+    await emit(first, envelope(instance, "InventoryReserved"))
+    await emit(first, envelope(instance, "CustomerNotified"))
+
+    await a.handle(await a.reader.read())  # refused on the stale copy, then decided again
+
+    assert a.conflicts == 1
+    letters = await dead_letters(redis)
+    assert [letter["f:type"] for letter in letters] == ["CustomerNotified"]
+    assert "KeyError" in letters[0]["reason"]
+    assert a.dead_lettered == 1
+    history = await first.history(instance.id)
+    assert [h.type for h in history][-1] == "InventoryReserved"
 
 
 async def test_two_controllers_with_caches_of_their_own_apply_each_event_exactly_once(redis: Redis) -> None:
