@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +23,28 @@ from contracts.envelope import DecodeError, Envelope, decode
 from contracts.messages import Wire, parse_payload, validate_payload
 from participants.sdk.commit import Commit, CommitScript
 from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS, text
+from participants.sdk.scripts import Script, ScriptCall
 
 log = logging.getLogger(__name__)
+
+# KEYS[1]: a stream; ARGV: group, consumer, idle ms, entry ids.  Sets the idle time of
+# the entries the consumer still owns; one a peer has claimed meanwhile stays the peer's.
+_HOLD_CHUNK = 1_000  # ids per script call: Lua unpacks them onto its stack
+_HOLD = Script("""
+local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+for i = 4, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    claim[#claim + 1] = ARGV[i]
+  end
+end
+local held = #claim - 5
+if held == 0 then return 0 end
+claim[#claim + 1] = 'IDLE'
+claim[#claim + 1] = ARGV[3]
+claim[#claim + 1] = 'JUSTID'
+redis.call(unpack(claim))
+return held
+""")
 
 DLQ_FIELD_PREFIX = "f:"
 
@@ -173,6 +193,19 @@ class GroupReader:
             for stream, entries in reply or []
             for entry_id, fields in entries
         ]
+
+    async def hold(self, entries: Iterable[tuple[str, Sequence[str], int]]) -> list[int | ResponseError]:
+        """Set the idle time of entries this consumer owns, given as (stream, entry ids,
+        idle ms): 0 keeps an entry being handled from looking abandoned, a longer idle
+        time makes a deferred entry due.  An entry a peer has claimed meanwhile (this
+        consumer stalled past the claim time) is left to that peer.  In one round trip,
+        per stream (and per thousand ids): how many entries it still owned, or the error."""
+        calls: list[ScriptCall] = [
+            ([stream], [self.group, self.consumer, idle_ms, *ids[start : start + _HOLD_CHUNK]])
+            for stream, ids, idle_ms in entries
+            for start in range(0, len(ids), _HOLD_CHUNK)
+        ]
+        return await _HOLD.call_many(self.redis, calls)
 
     async def pending(self, exclude: Collection[tuple[str, str]] = ()) -> tuple[list[Entry], list[Entry]]:
         """(entries due for another try, entries that have failed too often).

@@ -37,7 +37,6 @@ from types import TracebackType
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from redis.typing import StreamIdT
 
 from contracts import naming
 from contracts.envelope import DecodeError, Envelope, derived_message_id, encode, utcnow
@@ -627,8 +626,8 @@ class Runner:
         """Refresh the idle time of the entries this consumer still holds, and
         make deferred entries whose delay is over due for :meth:`GroupReader.pending`."""
         now = time.monotonic()
-        hold: dict[str, list[StreamIdT]] = {}
-        release: dict[str, list[StreamIdT]] = {}
+        hold: dict[str, list[str]] = {}
+        release: dict[str, list[str]] = {}
         for stream, entry_id in self._in_flight:
             hold.setdefault(stream, []).append(entry_id)
         for (stream, entry_id), at in list(self._not_before.items()):
@@ -641,18 +640,11 @@ class Runner:
                 del self._not_before[(stream, entry_id)]
         if not hold and not release:
             return
-        consumer = self.settings.consumer
-        # Refresh only what is near a peer's takeover (idle for all but two refresh
-        # intervals of the claim time): an entry a live peer has just claimed is idle
-        # for less, and is left to that peer instead of being taken back.
-        near_takeover_ms = max(0, self.settings.claim_idle_ms - int(2_000 * self.settings.pending_interval_s))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, ids in hold.items():
-                pipe.xclaim(stream, self.group, consumer, near_takeover_ms, ids, justid=True)
-            for stream, ids in release.items():
-                pipe.xclaim(stream, self.group, consumer, 0, ids, idle=self.policy.max_ms, justid=True)
-            results = await pipe.execute(raise_on_error=False)
-        for result in results:
+        # every refresh resets the idle time, so only a stall of nearly the whole claim
+        # time lets a peer take an entry over; one a peer did take over stays the peer's
+        touched = [(stream, ids, 0) for stream, ids in hold.items()]
+        touched += [(stream, ids, self.policy.max_ms) for stream, ids in release.items()]
+        for result in await self.reader.hold(touched):
             if isinstance(result, Exception):
                 log.warning("%s: cannot refresh pending entries: %s", self.heartbeat_field, result)
 

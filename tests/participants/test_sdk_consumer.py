@@ -7,6 +7,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from contracts import naming
+from participants.sdk.connection import text
 from participants.sdk.consumer import GroupReader, RetryPolicy
 from tests.conftest import eventually
 
@@ -49,3 +50,31 @@ async def test_a_retry_counts_its_claim_and_a_given_up_entry_the_deliveries_it_h
 
     # given up after its 2 deliveries: the dead letter's count agrees with its reason
     assert [(entry.id, entry.deliveries) for entry in exhausted] == [(entry_id, 2)]
+
+
+async def pending_rows(redis: Redis) -> dict[str, tuple[str, int]]:
+    """entry id -> (owner, ms idle)"""
+    rows: Any = await redis.xpending_range(STREAM, "g", "-", "+", 100)
+    return {row["message_id"].decode(): (row["consumer"].decode(), int(row["time_since_delivered"])) for row in rows}
+
+
+async def test_hold_sets_the_idle_time_of_the_entries_it_still_owns_and_leaves_a_peers_claim_alone(
+    redis: Redis,
+) -> None:
+    me = GroupReader(redis, "g", "me", [STREAM], policy=POLICY)
+    await me.ensure_groups()
+    ids = [text(await redis.xadd(STREAM, {"n": str(n)})) for n in range(3)]
+    assert len(await me.read(block_ms=100)) == 3
+    kept, taken, deferred = ids
+    await redis.xclaim(STREAM, "g", "me", 0, [kept], idle=50_000, justid=True)  # long in hand
+    # a peer took one over while this consumer stalled
+    await redis.xclaim(STREAM, "g", "peer", 0, [taken], justid=True)
+
+    held = await me.hold([(STREAM, [kept, taken], 0), (STREAM, [deferred], 90_000)])
+
+    assert held == [1, 1]
+    rows = await pending_rows(redis)
+    assert [rows[entry_id][0] for entry_id in ids] == ["me", "peer", "me"]
+    assert rows[kept][1] < 50_000
+    assert rows[deferred][1] >= 90_000
+    assert await deliveries(redis, kept) == 1  # a refresh is not a delivery

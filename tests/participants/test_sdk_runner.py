@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Collection
 from decimal import Decimal
+from typing import Any
 
 import orjson
 import pytest
@@ -196,6 +197,12 @@ async def test_an_entry_a_batch_took_while_a_pending_scan_ran_is_left_to_that_ba
         async def stale_scan(exclude: Collection[tuple[str, str]] = ()) -> tuple[list[Entry], list[Entry]]:
             nonlocal scans
             scans += 1
+            # the scan waited: what the runner refreshed just before it has been idle since
+            rows: Any = await redis.xpending_range(stream, "slow", "-", "+", 10)
+            if rows:
+                await redis.xclaim(
+                    stream, "slow", "live", 0, [row["message_id"] for row in rows], idle=1_000, justid=True
+                )
             retry, exhausted = await real(())  # as if the runner held nothing when the scan started
             handed_back.extend(entry.id for entry in retry)
             if len(handed_back) == 2:
