@@ -157,7 +157,11 @@ _Result = _Handled | _Rejected | _Failed
 class _Kind(StrEnum):
     OUTCOME = "outcome"
     DUPLICATE = "duplicate"
-    DEAD_LETTER = "dead-letter"
+
+
+# per commit of a batch: what it is (an outcome, a duplicate's ack, or a dead letter and
+# why), how many messages it emits, the type of the message it settles
+_Counted = tuple[_Kind | DeadLetterReason, int, str]
 
 
 class Runner:
@@ -367,7 +371,7 @@ class Runner:
         held = len(entries)  # reading slots this batch holds until its handlers run
         try:
             commits: list[Commit] = []
-            kinds: list[tuple[_Kind, int, str]] = []  # per commit: what it is, how many messages it emits, type
+            kinds: list[_Counted] = []
             settled: list[_Key] = []  # entries whose commit acks them
             valid: list[_Decoded] = []
             for entry in entries:
@@ -375,8 +379,8 @@ class Runner:
                     envelope, parsed = decode_entry_parsed(entry, self.settings.partitions)
                     valid.append((entry, envelope, parsed))
                 except (DecodeError, PayloadError) as error:
-                    commits.append(self._dead_letter_commit(entry, error.reason, dead_letter_reason(error)))
-                    kinds.append((_Kind.DEAD_LETTER, 0, _type_of(entry)))
+                    commits.append(self._dead_letter_commit(entry, error.reason))
+                    kinds.append((dead_letter_reason(error), 0, _type_of(entry)))
                     settled.append((entry.stream, entry.id))
             fresh: list[_Decoded] = []
             for decoded, done in zip(valid, await self._already_handled(valid), strict=True):
@@ -409,12 +413,12 @@ class Runner:
                     commits.append(self._outcome_commit(entry, envelope, result.outgoing))
                     kinds.append((_Kind.OUTCOME, len(result.outgoing), _type_of(entry)))
                 elif isinstance(result, _Rejected):
-                    commits.append(self._dead_letter_commit(entry, result.reason, DeadLetterReason.REJECTED))
-                    kinds.append((_Kind.DEAD_LETTER, 0, _type_of(entry)))
+                    commits.append(self._dead_letter_commit(entry, result.reason))
+                    kinds.append((DeadLetterReason.REJECTED, 0, _type_of(entry)))
                 elif entry.deliveries >= self.policy.max_deliveries:
                     reason = f"gave up after {entry.deliveries} deliveries: {result.reason}"
-                    commits.append(self._dead_letter_commit(entry, reason, DeadLetterReason.EXHAUSTED))
-                    kinds.append((_Kind.DEAD_LETTER, 0, _type_of(entry)))
+                    commits.append(self._dead_letter_commit(entry, reason))
+                    kinds.append((DeadLetterReason.EXHAUSTED, 0, _type_of(entry)))
                 else:
                     self._remember_failure(entry, result)
             self._count(kinds, await self._script.run(self.redis, commits))
@@ -548,7 +552,7 @@ class Runner:
             commit.xadd(naming.message_stream(p, message.type), encode(message))
         return commit.ack(entry.stream, self.group, entry.id)
 
-    def _dead_letter_commit(self, entry: Entry, reason: str, kind: DeadLetterReason) -> Commit:
+    def _dead_letter_commit(self, entry: Entry, reason: str) -> Commit:
         log.warning(
             "%s dead-letters %s %s from %s (delivery %d): %s",
             self.participant.name,
@@ -559,7 +563,6 @@ class Runner:
             reason,
             extra={"correlation_id": entry.field(naming.FIELD_CORRELATION_ID), "attempt": entry.deliveries},
         )
-        self.metrics.dead_lettered(_type_of(entry), kind)
         return dead_letter_commit(entry, self.group, self.settings.consumer, reason)
 
     def _remember_failure(self, entry: Entry, failure: _Failed) -> None:
@@ -572,11 +575,14 @@ class Runner:
         self.stats.failed += 1
         self.metrics.message(_type_of(entry), HandlerOutcome.FAILED if failure.delay is None else HandlerOutcome.RETRY)
 
-    def _count(self, kinds: list[tuple[_Kind, int, str]], results: list[CommitResult]) -> None:
+    def _count(self, kinds: list[_Counted], results: list[CommitResult]) -> None:
+        """Count the commits that took effect (a batch whose commits failed is counted
+        when it is retried and they land)."""
         stats = self.stats
         for (kind, emitted, message_type), result in zip(kinds, results, strict=True):
-            if kind is _Kind.DEAD_LETTER:
-                stats.dead_lettered += 1  # and counted in the metrics as it was decided
+            if isinstance(kind, DeadLetterReason):
+                stats.dead_lettered += 1
+                self.metrics.dead_lettered(message_type, kind)
             elif kind is _Kind.DUPLICATE or result.outcome is Outcome.DUPLICATE:
                 stats.duplicates += 1
                 self.metrics.message(message_type, HandlerOutcome.DUPLICATE)
@@ -612,13 +618,16 @@ class Runner:
         if exhausted:
             commits = []
             for entry in exhausted:
-                last = self._last_error.pop((entry.stream, entry.id), None)
+                last = self._last_error.get((entry.stream, entry.id))
                 reason = f"gave up after {entry.deliveries} deliveries: " + (
                     last or "no error recorded (a consumer died or stalled while handling it)"
                 )
-                commits.append(self._dead_letter_commit(entry, reason, DeadLetterReason.EXHAUSTED))
-            await self._script.run(self.redis, commits)
-            self.stats.dead_lettered += len(commits)
+                commits.append(self._dead_letter_commit(entry, reason))
+            results = await self._script.run(self.redis, commits)
+            kinds: list[_Counted] = [(DeadLetterReason.EXHAUSTED, 0, _type_of(e)) for e in exhausted]
+            self._count(kinds, results)
+            for entry in exhausted:
+                self._last_error.pop((entry.stream, entry.id), None)
         if retry and not stop.is_set():
             self._spawn(retry)  # when stopping, they stay pending for a peer
 

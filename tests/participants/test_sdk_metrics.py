@@ -102,6 +102,37 @@ async def test_handler_outcomes_durations_and_dead_letters_are_served_on_the_met
     assert ("process_cpu_seconds_total", frozenset()) in found
 
 
+async def test_a_dead_letter_is_counted_once_it_is_written_not_each_time_writing_it_failed(
+    redis: Redis, redis_url: str
+) -> None:
+    port = free_port()
+    stream = stream_of(envelope("Ping"))
+    dead_letter_stream = naming.dead_letter_stream(naming.partition_of_key(stream))
+    await redis.set(dead_letter_stream, "not a stream")  # every dead-letter commit fails: WRONGTYPE
+    async with running(shaky(), fast_settings(redis_url, metrics_port=port, max_deliveries=50)):
+        garbage = await redis.xadd(stream, {"garbage": "1"})
+        await eventually(
+            lambda: redis.xpending_range(stream, "shaky", garbage, garbage, 1),
+            lambda found: bool(found) and int(found[0]["times_delivered"]) >= 3,
+            what="two failed attempts to dead-letter the garbage",
+        )
+        failing = await scrape(port)
+        await redis.delete(dead_letter_stream)
+        await eventually(lambda: dead_letters(redis), lambda found: len(found) == 1, what="the dead letter")
+        found = await eventually(
+            lambda: scrape(port),
+            lambda s: messages(s, "Ping", HandlerOutcome.DEAD_LETTERED) is not None,
+            what="the dead letter counted",
+        )
+
+    assert messages(failing, "Ping", HandlerOutcome.DEAD_LETTERED) is None
+    assert sample(
+        failing, "streamsaga_dead_letters_total", group="shaky", reason_kind=DeadLetterReason.UNDECODABLE
+    ) in (None, 0)
+    assert messages(found, "Ping", HandlerOutcome.DEAD_LETTERED) == 1
+    assert sample(found, "streamsaga_dead_letters_total", group="shaky", reason_kind=DeadLetterReason.UNDECODABLE) == 1
+
+
 async def test_the_metrics_endpoint_stops_with_the_runner(redis_url: str) -> None:
     port = free_port()
     async with running(shaky(), fast_settings(redis_url, metrics_port=port)):
