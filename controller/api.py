@@ -48,6 +48,7 @@ from controller.progress import FeedFilter, ProgressHub, decode_cursor, stream_f
 from controller.settings import ControllerSettings
 from controller.state_machine import NotAllowed, effective_sla
 from controller.store import IdempotencyConflict, WorkflowStore
+from participants.sdk import tracing
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,6 @@ PROGRESS = web.AppKey("progress", ProgressHub)  # the live progress feeds' one r
 
 _IDEMPOTENCY_KEY = re.compile(openapi.IDEMPOTENCY_KEY_PATTERN)
 # W3C Trace Context: version-traceid-parentid-flags; an invalid header is ignored, as the spec asks.
-_TRACEPARENT = re.compile(r"^(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$")
 
 routes = web.RouteTableDef()
 
@@ -161,8 +161,10 @@ def _idempotency_key(request: web.Request) -> str | None:
 
 
 def _traceparent(request: web.Request) -> str | None:
+    """The request's W3C ``traceparent``, or None when it has none or an invalid one
+    (the spec says to ignore it then): the same check the workers' logs make."""
     value = request.headers.get("traceparent")
-    return value if value is not None and _TRACEPARENT.match(value.strip().lower()) else None
+    return value.strip() if value is not None and tracing.TraceParent.parse(value) is not None else None
 
 
 def _limit(request: web.Request) -> int:

@@ -488,8 +488,12 @@ async def test_traceparent_is_passed_to_the_start_event(api: Api) -> None:
     assert event.payload["order"]["customer_id"] == ORDER["customer_id"]
 
 
-async def test_an_invalid_traceparent_is_ignored(api: Api) -> None:
-    workflow_id = await api.start_order(headers={"traceparent": "00-zz-not-a-trace-01"})
+@pytest.mark.parametrize(
+    "traceparent",
+    ["00-zz-not-a-trace-01", TRACEPARENT.upper(), TRACEPARENT + "-more"],  # ids are lowercase; 00 has 4 fields
+)
+async def test_an_invalid_traceparent_is_ignored(api: Api, traceparent: str) -> None:
+    workflow_id = await api.start_order(headers={"traceparent": traceparent})
 
     assert (await _start_event(api.redis, workflow_id)).traceparent is None
 
