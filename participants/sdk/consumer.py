@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 
 from contracts import naming
 from contracts.envelope import DecodeError, Envelope, decode
-from contracts.messages import Wire, parse_payload, validate_payload
+from contracts.messages import Wire, parse_payload
 from participants.sdk.commit import Commit, CommitScript
 from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS, text
 from participants.sdk.scripts import Script, ScriptCall
@@ -93,27 +93,20 @@ def decode_entry(entry: Entry, partitions: int) -> Envelope:
     Raises :class:`DecodeError` (undecodable, wrong stream, wrong partition) or
     :class:`PayloadError` (invalid payload); both carry a ``reason`` for the dead letter.
     """
-    envelope = _routed_envelope(entry, partitions)
-    validate_payload(envelope.type, envelope.payload)
-    return envelope
+    return decode_entry_parsed(entry, partitions)[0]
 
 
 def decode_entry_parsed(entry: Entry, partitions: int) -> tuple[Envelope, Wire | None]:
     """:func:`decode_entry`, and the payload as the registered model of its type
     (None for a type without one): what checking the payload built, kept so a
     handler's ``msg.parse`` need not validate the same payload again."""
-    envelope = _routed_envelope(entry, partitions)
-    return envelope, parse_payload(envelope.type, envelope.payload)
-
-
-def _routed_envelope(entry: Entry, partitions: int) -> Envelope:
     stream_type = naming.type_of_stream(entry.stream)
     envelope = decode(entry.fields)
     if envelope.type != stream_type:
         raise DecodeError(f"type {envelope.type!r} does not belong on the {stream_type} stream")
     if naming.partition_of(envelope.correlation_id, partitions) != entry.partition:
         raise DecodeError(f"correlation_id {envelope.correlation_id!r} belongs to another partition")
-    return envelope
+    return envelope, parse_payload(envelope.type, envelope.payload)
 
 
 def dead_letter_commit(entry: Entry, group: str, consumer: str, reason: str) -> Commit:
