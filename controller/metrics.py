@@ -50,9 +50,10 @@ CONTROLLER_DEAD_LETTERS = (
     DeadLetterReason.INVALID_PAYLOAD,
     DeadLetterReason.NO_SUCH_WORKFLOW,
     DeadLetterReason.UNKNOWN_DEFINITION,
+    DeadLetterReason.REJECTED,
     DeadLetterReason.EXHAUSTED,
 )
-"""The reasons the correlator dead-letters for (a handler's ``rejected`` is a worker's)."""
+"""The reasons the correlator dead-letters for (``rejected``: no transition could be decided)."""
 _UNDONE = (StepStatus.COMPENSATING, StepStatus.COMPENSATED)  # a step is undone only after it completed
 
 

@@ -60,7 +60,7 @@ class DeadLetterReason(StrEnum):
     INVALID_PAYLOAD = "invalid_payload"
     """The payload does not match its type's schema."""
     REJECTED = "rejected"
-    """A handler rejected it."""
+    """A handler rejected it (or, at the controller, no transition could be decided for it)."""
     EXHAUSTED = "exhausted"
     """Still failing after the last allowed delivery."""
     NO_SUCH_WORKFLOW = "no_such_workflow"
