@@ -50,10 +50,10 @@ CONTROLLER_DEAD_LETTERS = (
     DeadLetterReason.INVALID_PAYLOAD,
     DeadLetterReason.NO_SUCH_WORKFLOW,
     DeadLetterReason.UNKNOWN_DEFINITION,
-    DeadLetterReason.REJECTED,
     DeadLetterReason.EXHAUSTED,
 )
-"""The reasons the correlator dead-letters for (``rejected``: no transition could be decided)."""
+"""The reasons the controller's counter shows from the start, at 0.  ``rejected`` (no
+transition could be decided: a bug or a changed definition) appears when it first happens."""
 _UNDONE = (StepStatus.COMPENSATING, StepStatus.COMPENSATED)  # a step is undone only after it completed
 
 
