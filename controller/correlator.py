@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from contracts import naming
 from contracts.envelope import DecodeError, Envelope, utcnow
-from contracts.messages import TIMER_FIRED, PayloadError
+from contracts.messages import PayloadError
 from controller import state_machine
 from controller.definitions import Definitions, UnknownWorkflow
 from controller.instance import Instance, WorkflowStatus
@@ -239,7 +239,7 @@ def _log_commit(before: Instance, result: state_machine.Transition, envelope: En
     cause = result.history[0]
     extra = {
         "correlation_id": after.id,
-        "step": cause.step or _timer_step(envelope),
+        "step": cause.step,  # for a fired timer, the step it names
         "attempt": envelope.attempt,
         "message_type": envelope.type,
         "traceparent": envelope.traceparent,
@@ -262,14 +262,6 @@ def _log_commit(before: Instance, result: state_machine.Transition, envelope: En
 
 def _note(detail: str | None) -> str:
     return f": {detail}" if detail else ""
-
-
-def _timer_step(envelope: Envelope) -> str | None:
-    """The step a fired timer is about (``step:<name>``, ``comp:<name>``); None for the SLA."""
-    if envelope.type != TIMER_FIRED:
-        return None
-    _, _, step = str(envelope.payload.get("timer", "")).partition(":")
-    return step or None
 
 
 def _time_order(item: tuple[Entry, Envelope]) -> tuple[int, datetime]:
