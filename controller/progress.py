@@ -40,6 +40,7 @@ from contracts import naming
 from controller.errors import Unavailable
 from controller.instance import TERMINAL, Instance
 from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS
+from participants.sdk.consumer import entry_order
 
 log = logging.getLogger(__name__)
 
@@ -191,17 +192,12 @@ def decode_cursor(text: str, partitions: int) -> list[Position]:
     return positions
 
 
-def _position(entry_id: bytes) -> Position:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)
-
-
 class _LiveCursor:
     """The hub's cursor, re-encoding only the partitions that moved since the last encoding."""
 
     def __init__(self, positions: list[bytes]) -> None:
         self.positions = positions
-        self._parsed = [_position(entry_id) for entry_id in positions]
+        self._parsed = [entry_order(entry_id) for entry_id in positions]
         self._base = _base_s(self._parsed)
         self._parts = [_part(self._base * 1000, position) for position in self._parsed]
         self._moved: set[int] = set()
@@ -215,7 +211,7 @@ class _LiveCursor:
     def encode(self) -> str:
         if self._text is None:
             for partition in self._moved:
-                self._parsed[partition] = _position(self.positions[partition])
+                self._parsed[partition] = entry_order(self.positions[partition])
             if self._moved and max(self._parsed[p][0] for p in self._moved) > self._base * 1000:
                 self._base = _base_s(self._parsed)
                 self._parts = [_part(self._base * 1000, position) for position in self._parsed]
@@ -424,7 +420,7 @@ class ProgressHub:
             group = self._feeds[feed_filter] = _FeedGroup(feed_filter)
         group.subscriptions.add(subscription)
         self.clients += 1
-        here = [_position(entry_id) for entry_id in self._cursor.positions]
+        here = [entry_order(entry_id) for entry_id in self._cursor.positions]
         try:
             yield subscription, here
         finally:
@@ -737,7 +733,7 @@ async def _feed_pump(
                 for partition, entry_id, frame, at in batch.events:
                     floor = ahead.get(partition)
                     if floor is not None:
-                        if _position(entry_id) <= floor:
+                        if entry_order(entry_id) <= floor:
                             continue
                         del ahead[partition]
                     frames.append(frame)
@@ -769,7 +765,7 @@ async def _catch_up(
             page: Any = await redis.xrange(stream, min=low, max=f"{end[0]}-{end[1]}", count=CATCH_UP_PAGE)
             frames = []
             for entry_id, fields in page:
-                positions[partition] = _position(entry_id)
+                positions[partition] = entry_order(entry_id)
                 if not feed_filter.matches(fields):
                     continue
                 line = _line_or_none(fields, entry_id, stream)

@@ -81,9 +81,10 @@ class RetryPolicy:
         return idle_ms >= backoff
 
 
-def entry_order(entry_id: str) -> tuple[int, int]:
-    """A stream entry id ``<ms>-<seq>`` as (ms, seq), to compare ids as Redis orders them."""
-    ms, _, seq = entry_id.partition("-")
+def entry_order(entry_id: str | bytes) -> tuple[int, int]:
+    """A stream entry id ``<ms>-<seq>`` (as text, or as Redis sent it) as (ms, seq), to
+    compare ids as Redis orders them."""
+    ms, _, seq = entry_id.partition(b"-") if isinstance(entry_id, bytes) else entry_id.partition("-")
     return int(ms), int(seq or 0)
 
 
