@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = openapi.MAX_BODY_BYTES
 MAX_LIST_LIMIT = openapi.MAX_LIST_LIMIT
-JSON = "application/json"
-PROBLEM_JSON = "application/problem+json"
+JSON = openapi.JSON
+PROBLEM_JSON = openapi.PROBLEM_JSON
 PING_TIMEOUT_S = 2.0
 
 SETTINGS = web.AppKey("settings", ControllerSettings)

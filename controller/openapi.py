@@ -563,7 +563,8 @@ def _workflow_schemas(components: _Components) -> None:
 
 
 def _contract_schemas(components: _Components) -> None:
-    for name, schema in schemas().items():
+    contracts = schemas()
+    for name, schema in contracts.items():
         body = {key: value for key, value in schema.items() if key not in ("$schema", "$id")}
         body["externalDocs"] = {
             "description": f"The wire contract's JSON Schema {schema.get('$id', ID_PREFIX + name)}: "
@@ -576,7 +577,7 @@ def _contract_schemas(components: _Components) -> None:
         {
             "type": "object",
             "description": "JSON Schemas (draft 2020-12) by name; each is in components.schemas by that name.",
-            "properties": {name: ref(name) for name in schemas()},
+            "properties": {name: ref(name) for name in contracts},
             "additionalProperties": {"type": "object"},
         },
     )
