@@ -143,7 +143,6 @@ class EventSource:
         self.last_event_id = last_event_id
         self.retry_s = retry_s
         self.max_failures = max_failures
-        self.connections = 0  # successful connections so far
         self.opened = asyncio.Event()  # set once a connection is open: the server has taken the client on
 
     async def events(self) -> AsyncGenerator[ServerSentEvent, None]:
@@ -158,7 +157,6 @@ class EventSource:
                         return
                     await self._check(response)
                     failures = 0
-                    self.connections += 1
                     self.opened.set()
                     parser = EventStreamParser(self.last_event_id)
                     async for chunk in response.content.iter_any():

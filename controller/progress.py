@@ -383,8 +383,6 @@ class ProgressHub:
         """Connected SSE clients (of both streams)."""
         self.reads = 0
         """XREAD calls that returned."""
-        self.records = 0
-        """Progress records read."""
         self.overflows = 0
         """Clients ended because they fell too far behind."""
 
@@ -519,7 +517,6 @@ class ProgressHub:
             partition = self._partition_of[stream]
             for entry_id, fields in entries:
                 cursor.moved(partition, entry_id)
-                self.records += 1
                 watchers = self._workflows.get(fields.get(b"workflow_id", b"")) if self._workflows else None
                 matching = [group for group in groups if group.filter.matches(fields)] if groups else []
                 if not watchers and not matching:

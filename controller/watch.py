@@ -8,8 +8,7 @@ Both read the controller's Server-Sent Events (:mod:`controller.event_source`):
   finish, deadline, compensation times, attempts and error.  It returns the exit
   status that states the outcome (:class:`ExitCode`).
 * :func:`watch_all` follows ``GET /v1/events`` and keeps the in-flight workflows and
-  the counts by status (``GET /v1/stats`` when the controller has it, else counted
-  from ``GET /v1/workflows``) up to date, refreshing them at most every
+  the counts by status (``GET /v1/stats``) up to date, refreshing them at most every
   :data:`REFRESH_S` while lines arrive.
 
 On a terminal (and unless ``plain``) both draw a live view with ``rich.live.Live``;
