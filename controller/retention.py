@@ -20,14 +20,14 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from contracts import naming
 from contracts.messages import TIMER_FIRED
 from controller.definitions import Definitions
 from controller.instance import TERMINAL
 from participants.sdk.connection import text
-from participants.sdk.consumer import entry_order
+from participants.sdk.consumer import create_groups, entry_order
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,15 @@ def trim_point(groups: list[dict[str, Any]], oldest_pending: dict[str, str | Non
 async def ensure_declared_groups(redis: Redis, definitions: Definitions, partitions: int) -> None:
     """Create, from the start of each stream, the group of every participant the
     definitions name, on every stream it is expected to read."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for participant, types in sorted(definitions.participant_types().items()):
-            for message_type in sorted(types):
-                for p in range(partitions):
-                    stream = naming.message_stream(p, message_type)
-                    pipe.xgroup_create(stream, naming.participant_group(participant), id="0", mkstream=True)
-        results = await pipe.execute(raise_on_error=False)
-    for result in results:
-        if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
-            raise result
+    await create_groups(
+        redis,
+        [
+            (naming.message_stream(p, message_type), naming.participant_group(participant))
+            for participant, types in sorted(definitions.participant_types().items())
+            for message_type in sorted(types)
+            for p in range(partitions)
+        ],
+    )
 
 
 async def known_types(redis: Redis, definitions: Definitions) -> set[str]:

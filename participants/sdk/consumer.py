@@ -130,6 +130,19 @@ def dead_letter_commit(entry: Entry, group: str, consumer: str, reason: str) -> 
     )
 
 
+async def create_groups(redis: Redis, groups: Sequence[tuple[str, str]]) -> None:
+    """Create each (stream, group) that does not exist yet, from the start of the stream
+    (so no message written before the first consumer started is missed), in one round
+    trip; raises ``ResponseError`` naming the first that could not be created."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream, group in groups:
+            pipe.xgroup_create(stream, group, id="0", mkstream=True)
+        results = await pipe.execute(raise_on_error=False)
+    for (stream, group), result in zip(groups, results, strict=True):
+        if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
+            raise ResponseError(f"cannot create group {group!r} on {stream}: {result}")
+
+
 class GroupReader:
     """Reads a set of streams as one consumer of one group."""
 
@@ -155,15 +168,8 @@ class GroupReader:
         self.script = script or CommitScript()
 
     async def ensure_groups(self) -> None:
-        """Create the group on every stream (from the start of the stream, so no
-        message written before the first consumer started is missed)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self.streams:
-                pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
-            results = await pipe.execute(raise_on_error=False)
-        for stream, result in zip(self.streams, results, strict=True):
-            if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
-                raise RuntimeError(f"cannot create group {self.group!r} on {stream}: {result}")
+        """Create the group on every stream (see :func:`create_groups`)."""
+        await create_groups(self.redis, [(stream, self.group) for stream in self.streams])
 
     async def read(self, block_ms: int | None = None) -> list[Entry]:
         """New entries for this consumer (blocks up to ``block_ms`` when there are none)."""
