@@ -26,7 +26,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -34,6 +33,7 @@ from redis.exceptions import ResponseError
 from bench.orders import order
 from bench.processes import Children, cpu_seconds, streamsaga_command
 from bench.profiling import Recorder, redis_counters, summarize
+from bench.run import terminate_as_interrupt
 from contracts import naming
 from contracts.definitions import ORDER_SAGA
 from contracts.envelope import utcnow
@@ -202,10 +202,6 @@ async def _main(settings: Settings) -> None:
         await redis.aclose()
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.drain", description=__doc__.splitlines()[0] if __doc__ else ""
@@ -227,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     if not steps or any(step not in STEPS for step in steps):
         parser.error(f"--steps takes some of {', '.join(STEPS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, _interrupt)  # unwind, so that the children and Redis are stopped
+    signal.signal(signal.SIGTERM, terminate_as_interrupt)
     with tempfile.TemporaryDirectory(prefix="streamsaga-drain-") as log_dir, contextlib.ExitStack() as stack:
         url = args.redis_url or stack.enter_context(EmbeddedRedis()).url
         asyncio.run(_main(Settings(url, Path(log_dir), args.messages, args.partitions, steps, args.profile, args.cli)))

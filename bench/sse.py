@@ -502,7 +502,9 @@ def parse(argv: list[str] | None = None) -> tuple[Options, SseOptions, argparse.
     add_output_arguments(parser.add_argument_group("output"), "the phase with clients")
     args = parser.parse_args(argv)
     if min(args.clients, args.orders, args.warmup, args.concurrency, args.partitions) < 1 or args.probes < 0:
-        parser.error("--clients, --orders, --warmup, --concurrency and --partitions must be positive")
+        parser.error(
+            "--clients, --orders, --warmup, --concurrency and --partitions must be positive, --probes not negative"
+        )
     options = Options(
         concurrency=args.concurrency,
         partitions=args.partitions,

@@ -26,6 +26,7 @@ import aiohttp
 import orjson
 
 from bench.orders import order
+from bench.run import terminate_as_interrupt
 from bench.stats import percentile
 from contracts.definitions import ORDER_SAGA
 from controller.embedded_redis import EmbeddedRedis, free_port
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="orders per second (default: 100)")
     parser.add_argument("--timeout", type=float, default=1.0, help="payment timeout, seconds (default: 1.0)")
     options = parser.parse_args()
+    signal.signal(signal.SIGTERM, terminate_as_interrupt)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as workdir, EmbeddedRedis() as redis:
         lateness = asyncio.run(_run(options, redis.url, Path(workdir)))
