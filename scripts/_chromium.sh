@@ -18,8 +18,8 @@ else
   if [ ! -x "$cache/chromium" ]; then
     if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then
       cat >&2 <<'MSG'
-The dashboard's browser test needs Chromium.  On Debian or Ubuntu scripts/check fetches
-Debian's package by itself (no root needed); this machine has no apt-get.  Set
+The dashboard's browser test needs Chromium.  On Debian scripts/check fetches Debian's
+package by itself (no root needed); this machine has no apt-get.  Set
 STREAMSAGA_CHROMIUM to a Chromium or Chrome binary you have, then run this again.
 MSG
       exit 1
@@ -33,7 +33,8 @@ MSG
     # what installing it would add to this machine: chromium and the libraries it lacks
     mapfile -t packages < <("${apt[@]}" -s --no-install-recommends install chromium | awk '/^Inst /{print $2}')
     if [ "${#packages[@]}" -eq 0 ]; then
-      echo "apt-get found no chromium package to fetch" >&2
+      echo "apt-get found no chromium package to fetch (Ubuntu ships it as a snap);" \
+        "set STREAMSAGA_CHROMIUM to a Chromium or Chrome binary you have, then run this again" >&2
       exit 1
     fi
     (cd "$work/debs" && "${apt[@]}" download "${packages[@]}" >/dev/null)

@@ -15,8 +15,14 @@ if [ -z "$python" ]; then
   echo "streamsaga needs Python 3.11 or newer (set PYTHON=/path/to/python3.11)" >&2
   exit 1
 fi
-if [ ! -x .venv/bin/python ]; then
-  "$python" -m venv .venv
+# a venv whose pip is missing was cut short (say, ensurepip absent): make it again
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  rm -rf .venv
+  if ! "$python" -m venv .venv; then
+    rm -rf .venv
+    echo "cannot create .venv with $python: on Debian or Ubuntu install python3-venv (it brings ensurepip)" >&2
+    exit 1
+  fi
   # a new venv's pip may predate editable installs from pyproject.toml (PEP 660)
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 fi
