@@ -28,4 +28,5 @@ if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
 fi
 target="."
 [ -n "${STREAMSAGA_EXTRAS:-}" ] && target=".[${STREAMSAGA_EXTRAS}]"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$target"
+# quiet means quiet: setuptools prints a ten-line banner on every editable install
+PYTHONWARNINGS="ignore::UserWarning" .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$target"
