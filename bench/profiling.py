@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +96,10 @@ def summarize(folded: Path, top: int = 25) -> str:
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
-    for line in folded.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
+    for frames, count in _stacks(folded):
         total += count
-        frames = stack.split(";")
-        own[_short(frames[-1])] += count
-        for frame in {_short(f) for f in frames}:
+        own[frames[-1]] += count
+        for frame in set(frames):
             inclusive[frame] += count
     if not total:
         return f"{folded.name}: no samples"
@@ -110,6 +107,34 @@ def summarize(folded: Path, top: int = 25) -> str:
     for frame, count in own.most_common(top):
         lines.append(f"  {100 * count / total:5.1f}  {100 * inclusive[frame] / total:5.1f}  {frame}")
     return "\n".join(lines)
+
+
+def callees(folded: Path, function: str, top: int = 25) -> str:
+    """Where the samples under ``function`` (a name as :func:`summarize` prints it, or
+    its start: ``Correlator.handle``) go: its direct callees, inclusive, and its own."""
+    below: Counter[str] = Counter()
+    total = under = 0
+    for frames, count in _stacks(folded):
+        total += count
+        at = next((i for i, frame in enumerate(frames) if frame.startswith(function)), None)
+        if at is None:
+            continue
+        under += count
+        below[frames[at + 1] if at + 1 < len(frames) else "(its own code)"] += count
+    if not under:
+        return f"{folded.name}: no samples under {function!r}"
+    lines = [f"{folded.name}: {function} in {100 * under / total:.1f}% of {total} samples", "  incl%  callee"]
+    for frame, count in below.most_common(top):
+        lines.append(f"  {100 * count / total:5.1f}  {frame}")
+    return "\n".join(lines)
+
+
+def _stacks(folded: Path) -> Iterator[tuple[list[str], int]]:
+    """Each stack of a collapsed-stack file, outermost frame first, with its sample count."""
+    for line in folded.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            yield [_short(frame) for frame in stack.split(";")], int(count_text)
 
 
 def _short(frame: str) -> str:
@@ -120,6 +145,25 @@ def _short(frame: str) -> str:
     return f"{name} ({'/'.join(Path(path).parts[-2:])})" if path else name
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.profiling",
+        description="Summarise py-spy collapsed-stack recordings (python -m bench --profile DIR writes them): "
+        "the functions with the most samples, self and inclusive, or where one function's samples go.",
+    )
+    parser.add_argument("folded", nargs="+", type=Path, help="a .folded file")
+    parser.add_argument("--top", type=int, default=40, help="rows to print (default: %(default)s)")
+    parser.add_argument(
+        "--under",
+        metavar="FUNCTION",
+        help="print FUNCTION's direct callees instead (e.g. Correlator.handle), inclusive, as %% of all samples",
+    )
+    args = parser.parse_args(argv)
+    for path in args.folded:
+        if not path.is_file():
+            parser.error(f"no such file: {path}")
+        print(callees(path, args.under, args.top) if args.under else summarize(path, args.top))
+
+
 if __name__ == "__main__":
-    for argument in sys.argv[1:]:
-        print(summarize(Path(argument), top=40))
+    main()
