@@ -348,6 +348,11 @@ def uncovered_steps(definitions: Iterable[WorkflowDefinition], views: Iterable[P
 # --- helpers ---------------------------------------------------------------------------
 
 
+async def announced_types(redis: Redis) -> set[str]:
+    """Every message type a participant's heartbeat announces (a malformed beat is skipped, with a warning)."""
+    return {subscription.type for _, _, beat in await _read_beats(redis) for subscription in beat.subscriptions}
+
+
 async def _read_beats(redis: Redis) -> list[tuple[str, bytes, _Beat]]:
     """Every beat of the heartbeat hash that parses, as (field, raw value, beat)."""
     raw = await redis.hgetall(naming.heartbeat_key())

@@ -18,7 +18,6 @@ import logging
 import time
 from typing import Any
 
-import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -26,6 +25,7 @@ from contracts import naming
 from contracts.messages import TIMER_FIRED
 from controller.definitions import Definitions
 from controller.instance import TERMINAL
+from controller.liveness import announced_types
 from participants.sdk.connection import text
 from participants.sdk.consumer import create_groups, entry_order
 
@@ -67,13 +67,7 @@ async def ensure_declared_groups(redis: Redis, definitions: Definitions, partiti
 async def known_types(redis: Redis, definitions: Definitions) -> set[str]:
     """Every type the definitions name, the controller's timers, and every type a live
     participant announces in its heartbeat."""
-    types = definitions.all_types() | {TIMER_FIRED}
-    for raw in (await redis.hgetall(naming.heartbeat_key())).values():
-        try:
-            beat = orjson.loads(raw)
-            types |= {str(sub["type"]) for sub in beat.get("subscriptions", [])}
-        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
-            continue  # a malformed beat is the liveness survey's to report
+    types = definitions.all_types() | {TIMER_FIRED} | await announced_types(redis)
     return {t for t in types if naming.is_valid_name(t)}
 
 

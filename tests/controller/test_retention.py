@@ -89,7 +89,12 @@ async def test_declared_participants_get_their_groups_before_they_first_run(redi
 
 
 async def test_known_types_include_what_live_participants_announce(redis: Redis) -> None:
-    beat = {"participant": "loyalty", "subscriptions": [{"type": "PaymentCaptured"}, {"type": "PointsAwarded"}]}
+    beat = {
+        "participant": "loyalty",
+        "consumer": "l1",
+        "at_ms": 1,
+        "subscriptions": [{"type": "PaymentCaptured"}, {"type": "PointsAwarded"}],
+    }
     await redis.hset(naming.heartbeat_key(), "loyalty/l1", orjson.dumps(beat))
     await redis.hset(naming.heartbeat_key(), "broken/b1", b"{not json")
     types = await known_types(redis, Definitions())
