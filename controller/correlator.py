@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 MAX_CONFLICT_ROUNDS = 5
 
 _Rejected = tuple[Entry, str, DeadLetterReason]  # an entry to dead-letter, why, and the kind of why
+# a decided transition: the workflow, the index of its message in the workflow's work,
+# the instance it was decided on, the transition, and the message
+_Decided = tuple[str, int, Instance, state_machine.Transition, Envelope]
 
 
 class Correlator:
@@ -149,8 +152,7 @@ class Correlator:
         instances = await self.store.load_for_update(work)
         now = self.clock()
         commits: list[Commit] = []
-        owners: list[tuple[str, int]] = []  # (workflow id, index of its message) per commit
-        decided: list[tuple[Instance, state_machine.Transition, Envelope]] = []  # per commit
+        decided: list[_Decided] = []  # per commit: what it commits, for whom
         # messages no transition could be decided for, by workflow: dead-lettered unless
         # the workflow is decided again (then its next round finds them again)
         failed: dict[str, list[_Rejected]] = {}
@@ -182,8 +184,7 @@ class Correlator:
                     break
                 # a commit chained on the one before lands only if that one did
                 commits.append(self.store.commit(current, result, cause=entry, after=previous))
-                owners.append((workflow_id, index))
-                decided.append((current, result, envelope))
+                decided.append((workflow_id, index, current, result, envelope))
                 current = result.instance
                 previous = envelope.message_id
         try:
@@ -193,7 +194,7 @@ class Correlator:
                 self.store.forget(workflow_id)
             raise
         retry: dict[str, list[tuple[Entry, Envelope]]] = {}
-        for (workflow_id, index), (before, result, envelope), outcome in zip(owners, decided, results, strict=True):
+        for (workflow_id, index, before, result, envelope), outcome in zip(decided, results, strict=True):
             if outcome.outcome is Outcome.OK:
                 self.applied += 1
                 self.store.committed(before, result)
