@@ -206,9 +206,11 @@ class _Decider:
             late = step.status not in (StepStatus.PENDING, StepStatus.RUNNING)
             self.end_step(step, StepStatus.COMPLETED)
             step.result = payload
-            if not running:
-                return f"{step.name} completed while the workflow was {instance.status}; it will be compensated"
-            return f"{step.name} completed late" if late else None
+            if running:
+                return f"{step.name} completed late" if late else None
+            return f"{step.name} completed while the workflow was {instance.status}; " + _after_the_end(
+                instance.status, definition
+            )
         if role is Role.FAILED:
             if step.status not in (StepStatus.PENDING, StepStatus.RUNNING):
                 return f"{step.name} already {step.status}; ignored"
@@ -493,3 +495,12 @@ def _step_done(definition: StepDefinition, step: StepState) -> bool:
     if step.status is StepStatus.COMPLETED:
         return True
     return not definition.critical and step.status in (StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.TIMED_OUT)
+
+
+def _after_the_end(status: WorkflowStatus, definition: StepDefinition) -> str:
+    """What becomes of a step that completes once its workflow no longer runs (see :meth:`_Decider.settle`)."""
+    if status in (WorkflowStatus.COMPLETED, WorkflowStatus.NEEDS_ATTENTION):
+        return "recorded; the workflow stays as it is"
+    if definition.compensation is None:
+        return "it has no compensation, so nothing is undone"
+    return "it will be compensated"

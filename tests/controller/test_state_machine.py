@@ -237,6 +237,33 @@ def test_a_completion_after_the_workflow_failed_reopens_compensation() -> None:
     assert saga.status() is WorkflowStatus.COMPENSATED
 
 
+def test_a_late_completion_says_what_becomes_of_it() -> None:
+    # compensating: a step with a compensation is undone in its turn
+    saga = Saga()
+    saga.event("PaymentCaptured")
+    saga.event("InventoryUnavailable", {"reason": "short"})
+    saga.event("ShipmentScheduled")
+    assert saga.history[-1].detail == "shipping completed while the workflow was compensating; it will be compensated"
+    # notification has nothing to undo: the note must not promise a compensation
+    saga.event("CustomerNotified")
+    assert saga.steps()["notification"] is StepStatus.COMPLETED
+    assert saga.history[-1].detail == (
+        "notification completed while the workflow was compensating; it has no compensation, so nothing is undone"
+    )
+    assert saga.sent[-1] == "RefundPayment"
+    # a flagged, completed workflow is not reopened by a late notification
+    saga = Saga()
+    for event in ("PaymentCaptured", "InventoryReserved", "ShipmentScheduled"):
+        saga.event(event)
+    saga.fire("step:notification")
+    assert saga.status() is WorkflowStatus.COMPLETED
+    saga.event("CustomerNotified")
+    assert saga.status() is WorkflowStatus.COMPLETED
+    assert saga.history[-1].detail == (
+        "notification completed while the workflow was completed; recorded; the workflow stays as it is"
+    )
+
+
 def test_a_failed_compensation_is_retried_then_needs_attention() -> None:
     saga = Saga()
     saga.event("PaymentCaptured")
