@@ -100,6 +100,7 @@ def decode(fields: dict[bytes, bytes]) -> Envelope:
     """
     message_type = _text(fields, naming.FIELD_TYPE)
     correlation_id = _text(fields, naming.FIELD_CORRELATION_ID)
+    message_id = _text(fields, naming.FIELD_MESSAGE_ID)
     raw = fields.get(naming.FIELD_ENVELOPE.encode())
     if raw is None:
         raise DecodeError(f"missing stream field {naming.FIELD_ENVELOPE!r}")
@@ -113,4 +114,6 @@ def decode(fields: dict[bytes, bytes]) -> Envelope:
         raise DecodeError(f"stream field type={message_type!r} disagrees with envelope type={envelope.type!r}")
     if envelope.correlation_id != correlation_id:
         raise DecodeError("stream field correlation_id disagrees with the envelope")
+    if envelope.message_id != message_id:
+        raise DecodeError("stream field message_id disagrees with the envelope")
     return envelope

@@ -168,6 +168,8 @@ def test_decode_ignores_unknown_envelope_fields() -> None:
         (lambda w: w.__setitem__(b"envelope", b"{not json"), "invalid envelope"),
         (lambda w: w.__setitem__(b"type", b"PaymentCaptured"), "disagrees with envelope type"),
         (lambda w: w.__setitem__(b"correlation_id", b"other"), "correlation_id disagrees"),
+        (lambda w: w.pop(b"message_id"), "missing stream field 'message_id'"),
+        (lambda w: w.__setitem__(b"message_id", b"m-2"), "message_id disagrees"),
         (lambda w: w.__setitem__(b"type", b"\xff"), "not UTF-8"),
     ],
 )

@@ -276,7 +276,7 @@ async def test_malformed_entries_are_dead_lettered_with_the_reason(redis: Redis,
     elsewhere = next(cid for cid in (f"wf-{i}" for i in range(100)) if naming.partition_of(cid, PARTITIONS) != 0)
     in_partition_0 = next(cid for cid in (f"wf-{i}" for i in range(100)) if naming.partition_of(cid, PARTITIONS) == 0)
     async with running(echo(calls), fast_settings(redis_url)):
-        await redis.xadd(stream, {"type": "Ping", "correlation_id": "c", "envelope": b"{not json"})
+        await redis.xadd(stream, {"type": "Ping", "correlation_id": "c", "message_id": "m", "envelope": b"{not json"})
         await redis.xadd(stream, {"garbage": "1"})
         await redis.xadd(stream, encode(envelope("Pong", correlation_id=in_partition_0)))  # type: ignore[arg-type]
         await redis.xadd(stream, encode(envelope("Ping", correlation_id=elsewhere)))  # type: ignore[arg-type]
