@@ -35,7 +35,8 @@ class Envelope(BaseModel):
     causation_id: str | None = None
     workflow: WorkflowRef
     producer: str
-    occurred_at: AwareDatetime
+    # RFC 3339 with an offset: "format" alone is skipped by most validators, and says nothing of the offset
+    occurred_at: AwareDatetime = Field(json_schema_extra={"pattern": r"^\d{4}-\d{2}-\d{2}T.*(Z|z|[+-]\d{2}:\d{2})$"})
     attempt: int = Field(default=1, ge=1)
     traceparent: str | None = None
     payload: dict[str, Any] = Field(default_factory=dict)

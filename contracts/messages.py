@@ -10,7 +10,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, WithJsonSchema, field_validator
 
 # ISO 4217 codes accepted for orders.  A new currency is a one-line change here.
 CURRENCIES = frozenset(
@@ -58,7 +58,20 @@ CURRENCIES = frozenset(
     }
 )
 
-Money = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=2)]
+_CURRENCY_ENUM: list[JsonValue] = [*sorted(CURRENCIES)]  # for the JSON Schema
+MONEY_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,2})?$"
+Money = Annotated[
+    Decimal,
+    Field(ge=0, max_digits=14, decimal_places=2),
+    # what producers write; the schema pydantic derives would let any string through
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "string", "pattern": MONEY_PATTERN}, {"type": "number", "minimum": 0}],
+            "description": "an amount: a decimal string with at most 12 digits before the point and 2 after "
+            "(readers also take a JSON number)",
+        }
+    ),
+]
 
 
 class Wire(BaseModel):
@@ -78,7 +91,9 @@ class Item(Wire):
 
 
 class Address(Wire):
-    country: str = Field(min_length=2, max_length=2, description="ISO 3166-1 alpha-2")
+    country: str = Field(
+        min_length=2, max_length=2, json_schema_extra={"pattern": "^[A-Za-z]{2}$"}, description="ISO 3166-1 alpha-2"
+    )
     name: str | None = Field(default=None, max_length=200)
     line1: str | None = Field(default=None, max_length=200)
     city: str | None = Field(default=None, max_length=100)
@@ -95,7 +110,7 @@ class Address(Wire):
 class Order(Wire):
     customer_id: str = Field(min_length=1, max_length=100)
     items: list[Item] = Field(min_length=1, max_length=100)
-    currency: str
+    currency: str = Field(json_schema_extra={"enum": _CURRENCY_ENUM}, description="ISO 4217")
     ship_to: Address
     order_id: str | None = Field(default=None, min_length=1, max_length=100)
 

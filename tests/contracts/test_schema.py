@@ -9,8 +9,11 @@ from typing import Any
 
 import orjson
 import pytest
+from jsonschema import Draft202012Validator
+from pydantic import BaseModel, ValidationError
 
-from contracts.messages import PAYLOADS
+from contracts.envelope import Envelope
+from contracts.messages import PAYLOADS, Item, Order
 from contracts.schema import DIALECT, ID_PREFIX, file_name, schemas
 
 JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
@@ -86,3 +89,56 @@ def test_the_schema_module_imports_without_redis_or_aiohttp() -> None:
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _accepts(model: type[BaseModel], value: dict[str, Any]) -> bool:
+    try:
+        model.model_validate(value)
+    except ValidationError:
+        return False
+    return True
+
+
+_ITEM = {"sku": "A-1", "quantity": 1, "unit_price": "19.99"}
+_ORDER = {"customer_id": "c-1", "items": [_ITEM], "currency": "EUR", "ship_to": {"country": "DE"}}
+_ENVELOPE = {
+    "message_id": "m-1",
+    "type": "PaymentCaptured",
+    "correlation_id": "wf-1",
+    "workflow": {"name": "order", "version": 1},
+    "producer": "payment",
+    "occurred_at": "2026-11-21T20:18:16.123456Z",
+    "payload": {},
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "value", "valid"),
+    [
+        (Order, _ORDER, True),
+        (Item, {**_ITEM, "unit_price": "0"}, True),
+        (Item, {**_ITEM, "unit_price": "123456789012.34"}, True),
+        (Item, {**_ITEM, "unit_price": 19.5}, True),
+        (Item, {**_ITEM, "unit_price": "abc"}, False),
+        (Item, {**_ITEM, "unit_price": "-1.00"}, False),
+        (Item, {**_ITEM, "unit_price": "1.234"}, False),
+        (Item, {**_ITEM, "unit_price": "1234567890123"}, False),
+        (Order, {**_ORDER, "currency": "XXX"}, False),
+        (Order, {**_ORDER, "ship_to": {"country": "D1"}}, False),
+        (Envelope, _ENVELOPE, True),
+        (Envelope, {**_ENVELOPE, "occurred_at": "2026-11-21T20:18:16+01:00"}, True),
+        (Envelope, {**_ENVELOPE, "occurred_at": "2026-11-21T20:18:16"}, False),  # no offset
+        (Envelope, {**_ENVELOPE, "occurred_at": "yesterday"}, False),
+    ],
+)
+def test_a_validator_given_the_exported_schema_agrees_with_the_decoder(
+    model: type[BaseModel], value: dict[str, Any], valid: bool
+) -> None:
+    # what a worker in another language checks against is what our readers accept
+    name = "Envelope" if model is Envelope else "OrderSubmitted"
+    schema = schemas()[name]
+    if model is not Envelope:
+        schema = {**schema["$defs"][model.__name__], "$defs": schema["$defs"]}
+    Draft202012Validator.check_schema(schema)
+    assert Draft202012Validator(schema).is_valid(value) is valid
+    assert _accepts(model, value) is valid
