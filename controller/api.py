@@ -585,6 +585,15 @@ async def workflow_stats(request: web.Request) -> web.Response:
     return _json({"counts": counts, "total": sum(counts.values())})
 
 
+@routes.get("/v1/definitions")
+async def list_definitions(request: web.Request) -> web.Response:
+    """Every workflow definition this controller runs (each version), by name then version:
+    the steps, who answers them and their deadlines."""
+    definitions = request.app[DEFINITIONS]
+    found = sorted(definitions, key=lambda d: (d.name, d.version))
+    return _json({"definitions": [definition.model_dump(mode="json") for definition in found]})
+
+
 @routes.get("/v1/contracts")
 async def get_contracts(request: web.Request) -> web.Response:
     """The wire contract as JSON Schemas, by name (see :mod:`contracts.schema`)."""

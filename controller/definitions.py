@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import orjson
@@ -50,7 +50,7 @@ class Definitions:
         except KeyError:
             raise UnknownWorkflow(name, version) from None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[WorkflowDefinition]:
         return iter(self._by_version.values())
 
     def names(self) -> list[str]:

@@ -307,6 +307,16 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "workflows",
         {200: Reply("Counts by status (finished workflows until they expire) and in all.", ref("Stats"))},
     ),
+    ("GET", "/v1/definitions"): Operation(
+        "The workflow definitions this controller runs, every version",
+        "contracts",
+        {
+            200: Reply(
+                "By name, then version; the newest version of a name is the one new workflows start with.",
+                ref("DefinitionList"),
+            )
+        },
+    ),
     ("GET", "/v1/contracts"): Operation(
         "The wire contract as JSON Schemas, by name",
         "contracts",
@@ -482,6 +492,11 @@ def _hand_written() -> dict[str, dict[str, Any]]:
                 },
                 "total": {"type": "integer"},
             },
+        },
+        "DefinitionList": {
+            "type": "object",
+            "required": ["definitions"],
+            "properties": {"definitions": {"type": "array", "items": ref("WorkflowDefinition")}},
         },
         "Health": {"type": "object", "properties": {"status": {"const": "ok"}}},
         "Ready": {

@@ -18,7 +18,7 @@ from multidict import CIMultiDictProxy
 from redis.asyncio import Redis
 
 from contracts import naming
-from contracts.definitions import StepDefinition, WorkflowDefinition
+from contracts.definitions import ORDER_SAGA, StepDefinition, WorkflowDefinition
 from contracts.envelope import Envelope, WorkflowRef, decode, encode, new_message_id, utcnow
 from contracts.messages import PAYLOADS
 from controller.app import create_app
@@ -468,6 +468,27 @@ async def test_a_loaded_definition_starts_with_any_object_and_is_correlated(
     view = await api.until_status(workflow_id, "completed")
     assert view["input"] == {"to": "world"}
     assert view["steps"][0]["result"] == {"said": "hello"}
+
+
+async def test_definitions_lists_every_loaded_definition_with_its_deadlines(
+    serve: ApiFactory, redis_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "definitions.json"
+    path.write_bytes(orjson.dumps([GREETING.model_dump(mode="json")]))
+    api = await serve(settings(redis_url, definitions_path=path))
+
+    reply = await api.call("GET", "/v1/definitions")
+
+    assert reply.status == 200
+    assert [(d["name"], d["version"]) for d in reply.body["definitions"]] == [("greeting", 1), ("order", 1)]
+    order = reply.body["definitions"][1]
+    assert order == ORDER_SAGA.model_dump(mode="json")
+    assert {step["name"]: step["timeout_s"] for step in order["steps"]} == {
+        "payment": 30.0,
+        "inventory": 30.0,
+        "shipping": 60.0,
+        "notification": 30.0,
+    }
 
 
 # --- tracing, contracts, health -----------------------------------------------------
