@@ -12,6 +12,7 @@ forgotten, read again and decided again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from contracts import naming
 from contracts.envelope import DecodeError, Envelope, utcnow
@@ -30,6 +32,7 @@ from controller.store import WorkflowStore
 from participants.sdk import tracing
 from participants.sdk.commit import Commit, Outcome
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, decode_entry, entry_order
+from participants.sdk.logs import Outage
 from participants.sdk.metrics import DeadLetterReason, dead_letter_reason
 
 if TYPE_CHECKING:
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_CONFLICT_ROUNDS = 5
+_PAUSE_AFTER_ERROR_S = 0.5
 
 _Rejected = tuple[Entry, str, DeadLetterReason]  # an entry to dead-letter, why, and the kind of why
 # a decided transition: the workflow, the index of its message in the workflow's work,
@@ -95,6 +99,7 @@ class Correlator:
         await self.prepare()
         if ready is not None:
             ready.set()
+        outage = Outage(log, "correlator (reading and committing events)")
         next_pending = 0.0
         while not stop.is_set():
             try:
@@ -111,14 +116,23 @@ class Correlator:
                     if retry:
                         await self.handle(retry)
                 entries = await self.reader.read()
+                outage.recovered()
+                if ready is not None:
+                    ready.set()  # again, after an outage: /readyz follows
                 if entries:
                     await self.handle(entries)
             except asyncio.CancelledError:
                 raise
+            except (RedisError, OSError) as exc:
+                # Redis is gone or refuses: not ready; the entries stay pending and are retried
+                if ready is not None:
+                    ready.clear()
+                outage.failed(exc)
+                await _pause(stop, _PAUSE_AFTER_ERROR_S)
             except Exception:
-                # Entries stay pending and are retried by `pending()`; back off briefly.
+                # a bug: the entries stay pending and are retried by `pending()`; back off briefly
                 log.exception("correlator batch failed; its entries will be retried")
-                await asyncio.sleep(0.5)
+                await _pause(stop, _PAUSE_AFTER_ERROR_S)
 
     async def handle(self, entries: list[Entry]) -> None:
         """Apply a batch of entries (in stream order per workflow)."""
@@ -259,6 +273,12 @@ def _log_commit(before: Instance, result: state_machine.Transition, envelope: En
         _note(cause.detail or after.error),
         extra=extra,
     )
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    """Wait ``seconds``, or less if ``stop`` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def _note(detail: str | None) -> str:

@@ -21,12 +21,14 @@ from redis.exceptions import RedisError
 from contracts import naming
 from contracts.envelope import WorkflowRef
 from contracts.messages import TIMER_FIRED
+from participants.sdk.logs import Outage
 from participants.sdk.scripts import Script
 
 log = logging.getLogger(__name__)
 
 _FIRE = Script(resources.files(__package__).joinpath("timers.lua").read_text())
 FIRE_BATCH = 200
+_PAUSE_AFTER_ERROR_S = 1.0
 
 
 def timer_member(workflow_id: str, name: str, generation: int, workflow: WorkflowRef) -> str:
@@ -59,13 +61,17 @@ class TimerPoller:
         self.fired = 0
 
     async def run(self, stop: asyncio.Event) -> None:
+        outage = Outage(log, "timer poll")
         while not stop.is_set():
+            pause = self.interval_s
             try:
                 fired = await fire_due(self.redis, self.partitions)
+                outage.recovered()
                 self.fired += fired
                 if fired >= FIRE_BATCH:
                     continue  # more are due: no pause
             except RedisError as exc:
-                log.warning("timer poll failed: %s", exc)
+                outage.failed(exc)
+                pause = max(pause, _PAUSE_AFTER_ERROR_S)  # not 20 attempts a second at a dead server
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval_s)
+                await asyncio.wait_for(stop.wait(), pause)

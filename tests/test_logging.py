@@ -302,3 +302,27 @@ async def test_the_controller_process_logs_json_lines_with_the_correlation_id(re
     assert started["msg"] == f"started order workflow {workflow_id}"
     assert started["level"] == "INFO"
     assert (started["traceparent"], started["trace_id"]) == (TRACEPARENT, TRACE_ID)
+
+
+def test_an_outage_is_logged_when_it_starts_now_and_then_while_it_lasts_and_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    outage = logs.Outage(logging.getLogger("outage-test"), "timer poll", every_s=30.0, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="outage-test")
+    outage.recovered()  # nothing failed: nothing to say
+    for _ in range(40):  # twice a second for 20 s
+        outage.failed(ConnectionError("Connection refused"))
+        now[0] += 0.5
+    assert outage.failing
+    assert [r.getMessage() for r in caplog.records] == ["timer poll failed: ConnectionError: Connection refused"]
+    for _ in range(40):  # 20 s more: one reminder, at 30 s
+        outage.failed(TimeoutError())
+        now[0] += 0.5
+    outage.recovered()
+    outage.recovered()
+    assert [(r.levelname, r.getMessage()) for r in caplog.records[1:]] == [
+        ("WARNING", "timer poll still failing after 30s (61 failures): TimeoutError"),
+        ("INFO", "timer poll works again after 40.0s (80 failures)"),
+    ]
+    assert not outage.failing

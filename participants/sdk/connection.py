@@ -8,6 +8,9 @@ from typing import Any
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError
 from redis.typing import EncodableT
 
@@ -77,6 +80,12 @@ def connect(url: str, *, name: str | None = None, max_connections: int = MAX_CON
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=5.0,
         health_check_interval=30,
+        # a pooled connection the server closed (Redis restarted, a proxy or firewall dropped
+        # it) fails once on its next use, however late: one immediate retry on a fresh
+        # connection.  A retried write may land twice; every write we make dedupes (message
+        # ids, version checks, done-records).  Timeouts are not retried: Redis is slow or gone.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry_on_error=[RedisConnectionError],
         client_name=name,
         decode_responses=False,
     )

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -133,3 +134,58 @@ def configure_logging(level: str | int = "INFO", log_format: LogFormat = "text",
     handler.addFilter(ContextFilter())
     handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=level, handlers=[handler])
+
+
+class Outage:
+    """Logs a failing dependency (Redis, mostly) without flooding the log: the first
+    failure as a warning, then at most one reminder per ``every_s`` with the count of
+    failures since, and the recovery.  A loop retrying twice a second through a
+    minute-long outage writes three lines, not a hundred and twenty tracebacks."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        every_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.what = what
+        self.every_s = every_s
+        self.clock = clock
+        self.failures = 0
+        self._since: float | None = None
+        self._told = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self._since is not None
+
+    def failed(self, error: BaseException) -> None:
+        now = self.clock()
+        self.failures += 1
+        if self._since is None:
+            self._since = self._told = now
+            self.logger.warning("%s failed: %s", self.what, _describe(error))
+        elif now - self._told >= self.every_s:
+            self._told = now
+            self.logger.warning(
+                "%s still failing after %.0fs (%d failures): %s",
+                self.what,
+                now - self._since,
+                self.failures,
+                _describe(error),
+            )
+
+    def recovered(self) -> None:
+        if self._since is None:
+            return
+        self.logger.info(
+            "%s works again after %.1fs (%d failures)", self.what, self.clock() - self._since, self.failures
+        )
+        self._since = None
+        self.failures = 0
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

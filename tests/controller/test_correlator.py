@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -487,3 +488,41 @@ async def test_a_start_replaces_what_the_cache_kept_under_its_id(redis: Redis) -
 
     assert created
     assert store.cache.get(new.id) is new  # not the version-2 instance of the expired workflow
+
+
+async def test_readiness_follows_redis_errors_and_an_outage_is_logged_once(
+    store: WorkflowStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="controller.correlator")
+    worker = correlator(store)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(worker.run(stop, ready))
+    stream = naming.message_stream(0, "PaymentCaptured")
+    try:
+        await eventually(lambda: _is_set(ready), bool, what="ready")
+        # a key of the wrong type where a stream should be: every read fails, as with Redis gone
+        await store.redis.delete(stream)
+        await store.redis.set(stream, "not a stream")
+        await eventually(lambda: _is_set(ready), lambda is_set: not is_set, what="not ready")
+        await eventually(lambda: _failures(caplog), lambda n: n >= 1, what="the outage logged")
+
+        await store.redis.delete(stream)  # the group is made again, reads work again
+        await eventually(lambda: _is_set(ready), bool, what="ready again")
+        instance = await start_order(store)
+        await emit(store, envelope(instance, "PaymentCaptured"))
+        await eventually(lambda: counter(worker, "applied"), lambda n: n == 1, what="the event applied")
+    finally:
+        stop.set()
+        await task
+    lines = [r.getMessage() for r in caplog.records if r.name == "controller.correlator"]
+    assert sum("failed: ResponseError" in line for line in lines) == 1  # UNBLOCKED, then WRONGTYPE
+    assert sum("works again" in line for line in lines) == 1
+    assert not [r for r in caplog.records if r.exc_info]  # no tracebacks for an outage
+
+
+async def _is_set(event: asyncio.Event) -> bool:
+    return event.is_set()
+
+
+async def _failures(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("failed: " in r.getMessage() for r in caplog.records if r.name == "controller.correlator")

@@ -70,3 +70,33 @@ async def test_commands_and_pipelines_round_trip_through_a_real_server(redis_url
         assert await client.client_getname() == "packing-test"  # set by CLIENT SETNAME on connect
     finally:
         await client.aclose()
+
+
+async def test_a_pooled_connection_the_server_closed_is_replaced_not_failed(redis: Redis, redis_url: str) -> None:
+    # as after a Redis restart: every idle connection of the pool is dead, and each
+    # would fail its next command once, however long after the restart that is
+    client = connect(redis_url, name="victim")
+    try:
+        await client.set("k", "1")
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.get("k")
+            await pipe.execute()
+        assert await _kill(redis, "victim") == 1
+
+        assert await client.get("k") == b"1"
+        assert await _kill(redis, "victim") == 1
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.get("k")
+            pipe.incr("n")
+            assert await pipe.execute() == [b"1", 1]
+    finally:
+        await client.aclose()
+
+
+async def _kill(redis: Redis, name: str) -> int:
+    """Close, from the server's side, every connection of the clients called ``name``."""
+    killed = 0
+    for client in await redis.client_list():
+        if client["name"] == name:
+            killed += await redis.client_kill_filter(_id=client["id"])
+    return killed
