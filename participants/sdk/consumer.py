@@ -166,6 +166,12 @@ class GroupReader:
         self.block_ms = min(block_ms, MAX_BLOCK_MS)
         self.policy = policy or RetryPolicy()
         self.script = script or CommitScript()
+        # XREADGROUP's COUNT is per stream: over 32 streams, COUNT 200 could take 6,400
+        # entries, all owned by this consumer until handled (and all redelivered, one more
+        # delivery each, if it dies).  So each read asks every stream for `count` over the
+        # number of streams the last read found entries in: about `count` in all once the
+        # traffic's spread is known, and at most `count` at the start (all streams assumed busy).
+        self._busy_streams = len(self.streams)
 
     async def ensure_groups(self) -> None:
         """Create the group on every stream (see :func:`create_groups`)."""
@@ -179,7 +185,7 @@ class GroupReader:
                 self.group,
                 self.consumer,
                 {stream: ">" for stream in self.streams},
-                count=self.count,
+                count=self.per_stream,
                 block=block or None,
             )
         except ResponseError as exc:
@@ -188,11 +194,18 @@ class GroupReader:
             log.warning("consumer group %s vanished; creating it again", self.group)
             await self.ensure_groups()
             return []
+        if reply:
+            self._busy_streams = len(reply)
         return [
             Entry(text(stream), text(entry_id), fields or {})
             for stream, entries in reply or []
             for entry_id, fields in entries
         ]
+
+    @property
+    def per_stream(self) -> int:
+        """The COUNT of the next read: ``count`` shared by the streams the last read found busy."""
+        return max(1, self.count // self._busy_streams)
 
     async def hold(self, entries: Iterable[tuple[str, Sequence[str], int]]) -> list[int | ResponseError]:
         """Set the idle time of entries this consumer owns, given as (stream, entry ids,
@@ -223,10 +236,13 @@ class GroupReader:
                 pipe.xpending_range(stream, self.group, "-", "+", self.count, idle=floor)
             summaries = await pipe.execute(raise_on_error=False)
         due: dict[str, list[tuple[str, int]]] = {}
+        room = self.count  # at most a batch per scan, however many are due (as for reads)
         for stream, rows in zip(self.streams, summaries, strict=True):
             if isinstance(rows, Exception):
                 continue
             for row in rows:
+                if room == 0:
+                    break
                 entry_id = text(row["message_id"])
                 own = text(row["consumer"]) == self.consumer
                 if own and (stream, entry_id) in exclude:
@@ -234,6 +250,7 @@ class GroupReader:
                 deliveries = int(row["times_delivered"])
                 if self.policy.due(deliveries, int(row["time_since_delivered"]), own):
                     due.setdefault(stream, []).append((entry_id, deliveries))
+                    room -= 1
         if not due:
             return [], []
         retry: list[Entry] = []

@@ -1,4 +1,5 @@
-"""GroupReader.pending(): what it hands back for another try, and what it leaves alone."""
+"""GroupReader: how much a read and a pending scan take, what pending() hands back for another
+try, and what it leaves alone."""
 
 from __future__ import annotations
 
@@ -78,3 +79,55 @@ async def test_hold_sets_the_idle_time_of_the_entries_it_still_owns_and_leaves_a
     assert rows[kept][1] < 50_000
     assert rows[deferred][1] >= 90_000
     assert await deliveries(redis, kept) == 1  # a refresh is not a delivery
+
+
+async def test_a_read_over_many_busy_streams_takes_about_a_batch_not_a_batch_per_stream(redis: Redis) -> None:
+    streams = [naming.message_stream(p, "Ping") for p in range(16)]
+    reader = GroupReader(redis, "g", "me", streams, count=40)
+    await reader.ensure_groups()
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            for n in range(100):
+                pipe.xadd(stream, {"n": str(n)})
+        await pipe.execute()
+
+    # COUNT is per stream in Redis: 40 each would own 640 entries at once
+    sizes = [len(await reader.read(block_ms=100)) for _ in range(5)]
+    assert all(size <= 40 for size in sizes), sizes
+    assert sizes[1:] == [32] * 4  # 16 busy streams: 2 each, about a batch
+
+    # one busy stream left: it gets the whole batch
+    hot = naming.message_stream(0, "Hot")
+    alone = GroupReader(redis, "g", "me", [*streams, hot], count=40)
+    await alone.ensure_groups()
+    for stream in streams:
+        await redis.xtrim(stream, maxlen=0)
+    for n in range(200):
+        await redis.xadd(hot, {"n": str(n)})
+    sizes = [len(await alone.read(block_ms=100)) for _ in range(3)]
+    assert sizes == [2, 40, 40]  # the first read still assumes every stream busy
+
+
+async def test_a_pending_scan_claims_at_most_a_batch(redis: Redis) -> None:
+    streams = [naming.message_stream(p, "Ping") for p in range(4)]
+    dead = GroupReader(redis, "g", "dead", streams, count=1000)
+    await dead.ensure_groups()
+    for stream in streams:
+        for n in range(30):
+            await redis.xadd(stream, {"n": str(n)})
+    owned = await dead.read(block_ms=100)
+    assert len(owned) == 120  # a peer that then died holding them, a minute ago
+    for stream in streams:
+        ids: list[Any] = [entry.id for entry in owned if entry.stream == stream]
+        await redis.xclaim(stream, "g", "dead", 0, ids, idle=60_000, justid=True)
+
+    live = GroupReader(redis, "g", "live", streams, count=50, policy=RetryPolicy(claim_idle_ms=5_000))
+    held: set[tuple[str, str]] = set()  # in flight at the live consumer: not due again
+    taken = []
+    for _ in range(3):
+        retry, exhausted = await eventually(lambda: live.pending(exclude=held), lambda found: bool(found[0]))
+        assert exhausted == []
+        taken.append(len(retry))
+        held.update((entry.stream, entry.id) for entry in retry)
+    assert taken == [50, 50, 20]
+    assert len(held) == 120
