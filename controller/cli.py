@@ -512,13 +512,19 @@ def _ledger(args: argparse.Namespace) -> int:
     async def read() -> Ledger:
         redis = connect(args.redis_url, name="streamsaga-ledger")
         try:
-            return await read_ledger(redis)
+            return await read_ledger(redis, args.partitions)
         finally:
             await redis.aclose()
 
     ledger = asyncio.run(read())
     if args.json:
-        shown = {**ledger.model_dump(mode="json"), "net_cents": ledger.net_cents, "balanced": ledger.balanced}
+        shown = {
+            **ledger.model_dump(mode="json"),
+            "net_cents": ledger.net_cents,
+            "mismatches": {o.workflow_id: o.mismatch for o in ledger.mismatches},
+            "unsettled": ledger.unsettled,
+            "balanced": ledger.balanced,
+        }
         print(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
     else:
         print(format_ledger(ledger))
@@ -528,9 +534,12 @@ def _ledger(args: argparse.Namespace) -> int:
 def _ledger_parser(sub: Any) -> None:
     p = sub.add_parser("ledger", help="show the example workers' ledgers", description=(
         "Show what the example workers recorded — payments and refunds, reservations and releases, "
-        "shipments and cancellations — and whether they balance (exit 1 if they do not)."
+        "shipments and cancellations — beside each workflow's status, and whether they balance (exit 1 if "
+        "they do not): stock is conserved, nothing is refunded beyond its capture, a completed order kept "
+        "everything and a failed or compensated one kept nothing."
     ))  # fmt: skip
     _add_redis_url(p)
+    _add_partitions(p)
     p.add_argument("--json", action="store_true", help="print the ledger as JSON")
     p.set_defaults(run=_ledger)
 

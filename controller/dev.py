@@ -274,13 +274,13 @@ async def _watch(
         await _pause(stop, POLL_S)
 
 
-async def _print_ledger(redis_url: str) -> None:
+async def _print_ledger(redis_url: str, partitions: int) -> None:
     from participants.ledger import format_ledger, read_ledger
     from participants.sdk.connection import connect
 
     redis = connect(redis_url, name="streamsaga-dev")
     try:
-        ledger = await read_ledger(redis)
+        ledger = await read_ledger(redis, partitions)
     finally:
         await redis.aclose()
     say("\nledger:")
@@ -340,7 +340,7 @@ async def _session(options: DevOptions, redis_url: str, children: Children, stop
         ok = outcome == sample.expect
         all_ok &= ok
         say(f"  {'ok ' if ok else 'BAD'} {sample.label:<20} {outcome:<12} expected {sample.expect:<12} {workflow_id}")
-    await _print_ledger(redis_url)
+    await _print_ledger(redis_url, options.partitions)
     return all_ok
 
 

@@ -22,6 +22,7 @@ from collections.abc import Collection
 from decimal import Decimal
 from typing import Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
@@ -147,6 +148,33 @@ class OrderRow(BaseModel):
     shipped: bool = False
     cancelled: bool = False
     notified: bool = False
+    status: str | None = Field(
+        default=None, description="the workflow's status in the controller's store; None: not looked up or gone"
+    )
+
+    @property
+    def mismatch(self) -> str | None:
+        """What disagrees with the workflow's outcome, once it is settled: a completed order
+        keeps its capture, stock and shipment; a failed or compensated one keeps nothing."""
+        if self.status == "completed":
+            undone = []
+            if self.refunded_cents:
+                undone.append("refunded")
+            if self.released:
+                undone.append("stock released")
+            if self.cancelled:
+                undone.append("shipment cancelled")
+            return "completed, but " + ", ".join(undone) if undone else None
+        if self.status in ("compensated", "failed"):
+            left = []
+            if self.captured_cents != self.refunded_cents:
+                left.append(f"{_money(self.captured_cents - self.refunded_cents)} captured and not refunded")
+            if self.reserved and not self.released:
+                left.append("stock reserved and not released")
+            if self.shipped and not self.cancelled:
+                left.append("a shipment not cancelled")
+            return f"{self.status}, but " + ", ".join(left) if left else None
+        return None  # still running, or not known: nothing to check yet
 
 
 class SkuStock(BaseModel):
@@ -178,12 +206,27 @@ class Ledger(BaseModel):
 
     @property
     def balanced(self) -> bool:
-        """Stock is conserved for every SKU and no order was refunded more than captured."""
-        return all(s.balanced for s in self.stock) and all(o.refunded_cents <= o.captured_cents for o in self.orders)
+        """Stock is conserved for every SKU, no order was refunded more than captured, and
+        every settled workflow kept what its outcome says (see :attr:`OrderRow.mismatch`)."""
+        return (
+            all(s.balanced for s in self.stock)
+            and all(o.refunded_cents <= o.captured_cents for o in self.orders)
+            and not self.mismatches
+        )
+
+    @property
+    def mismatches(self) -> list[OrderRow]:
+        return [o for o in self.orders if o.mismatch is not None]
+
+    @property
+    def unsettled(self) -> int:
+        """Orders whose workflow is still running, or whose status is not known (expired, or not looked up)."""
+        return sum(o.status not in ("completed", "compensated", "failed") for o in self.orders)
 
 
-async def read_ledger(redis: Redis) -> Ledger:
-    """Read every worker's records (one pipelined round trip)."""
+async def read_ledger(redis: Redis, partitions: int | None = None) -> Ledger:
+    """Read every worker's records (one pipelined round trip); given the deployment's
+    ``partitions``, also each order's workflow status, to check each settled order."""
     keys = (CAPTURES, REFUNDS, STOCK, STOCK_INITIAL, RESERVATIONS, RELEASES, SHIPMENTS, CANCELLATIONS, NOTIFICATIONS)
     async with redis.pipeline(transaction=False) as pipe:
         for key in keys:
@@ -244,12 +287,25 @@ async def read_ledger(redis: Redis) -> Ledger:
         for sku in sorted(initial)
     ]
     orders = sorted(rows.values(), key=lambda o: (o.order_id or "", o.workflow_id))
+    if partitions is not None:
+        statuses = await _statuses(redis, [o.workflow_id for o in orders], partitions)
+        for order_row, status in zip(orders, statuses, strict=True):
+            order_row.status = status
     return Ledger(
         orders=orders,
         stock=stock,
         captured_cents=sum(o.captured_cents for o in orders),
         refunded_cents=sum(o.refunded_cents for o in orders),
     )
+
+
+async def _statuses(redis: Redis, workflow_ids: list[str], partitions: int) -> list[str | None]:
+    """Each workflow's status as the controller stored it (None: no such workflow, or expired)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for workflow_id in workflow_ids:
+            pipe.hget(naming.instance_key(naming.partition_of(workflow_id, partitions), workflow_id), "s")
+        raw = await pipe.execute()
+    return [str(orjson.loads(state).get("status")) if state else None for state in raw]
 
 
 def _money(cents: int) -> str:
@@ -277,11 +333,12 @@ def format_ledger(ledger: Ledger) -> str:
     """The ledger as plain-text tables: orders, totals, stock."""
     lines: list[str] = []
     if ledger.orders:
-        header = ["workflow", "order", "currency", "captured", "refunded", "reserved", "released", "shipment"]
-        header += ["cancelled", "notified"]
+        header = ["workflow", "status", "order", "currency", "captured", "refunded", "reserved", "released"]
+        header += ["shipment", "cancelled", "notified"]
         rows = [
             [
                 o.workflow_id,
+                o.status or "-",
                 o.order_id or "-",
                 o.currency or "",
                 _money(o.captured_cents),
@@ -294,7 +351,7 @@ def format_ledger(ledger: Ledger) -> str:
             ]
             for o in ledger.orders
         ]
-        lines += text_table(header, rows, right={3, 4})
+        lines += text_table(header, rows, right={4, 5})
     else:
         lines.append("no orders recorded")
     lines += [
@@ -312,5 +369,9 @@ def format_ledger(ledger: Ledger) -> str:
         lines += text_table(header, rows, right={1, 2, 3, 4, 5})
     else:
         lines.append("no stock touched")
+    for o in ledger.mismatches:
+        lines.append(f"{o.workflow_id} ({o.order_id or 'no order id'}): {o.mismatch}")
+    if ledger.unsettled:
+        lines.append(f"{ledger.unsettled} orders not settled or of unknown status: not checked against an outcome")
     lines += ["", "ledger balances" if ledger.balanced else "LEDGER DOES NOT BALANCE"]
     return "\n".join(lines)
