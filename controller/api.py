@@ -38,6 +38,7 @@ from controller.errors import (
     MalformedBody,
     MethodNotAllowed,
     RouteNotFound,
+    StartOutcomeUnknown,
     Unavailable,
     UnsupportedMediaType,
     WorkflowNotFound,
@@ -47,7 +48,7 @@ from controller.instance import HIDDEN_FIELDS, SUMMARY_FIELDS, Instance, Workflo
 from controller.progress import FeedFilter, ProgressHub, decode_cursor, stream_feed, stream_workflow
 from controller.settings import ControllerSettings
 from controller.state_machine import NotAllowed, effective_sla
-from controller.store import IdempotencyConflict, WorkflowStore
+from controller.store import IdempotencyConflict, StartUncertain, WorkflowStore
 from participants.sdk import tracing
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         log.warning("%s %s -> %d: %s", request.method, request.path, error.status, error.detail)
     else:
         log.debug("%s %s -> %d: %s", request.method, request.path, error.status, error.detail)
-    return _problem(error, request, headers)
+    return _problem(error, request, {**headers, **error.headers()})
 
 
 def _problem(error: ApiError, request: web.Request, headers: dict[str, str]) -> web.Response:
@@ -221,6 +222,10 @@ async def _start(request: web.Request, definition: WorkflowDefinition, payload: 
         )
     except IdempotencyConflict as exc:
         raise IdempotencyKeyReused(exc.key) from None
+    except StartUncertain as exc:
+        log.warning("%s %s: Redis failed while starting workflow %s: %s", request.method, request.path,
+                    exc.workflow_id, exc.cause)  # fmt: skip
+        raise StartOutcomeUnknown(exc.workflow_id, _links(exc.workflow_id)["self"], str(exc.cause)) from None
     log.info(
         "%s %s workflow %s",
         "started" if created else "replayed",

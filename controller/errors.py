@@ -62,6 +62,10 @@ class ApiError(Exception):
         """Members beyond RFC 9457's own that a subclass adds to its problem document."""
         return {}
 
+    def headers(self) -> dict[str, str]:
+        """Headers a subclass adds to the response."""
+        return {}
+
 
 class MalformedBody(ApiError):
     status = 400
@@ -216,3 +220,24 @@ class Unavailable(ApiError):
 
     def extensions(self) -> dict[str, Any]:
         return {"checks": self.checks} if self.checks is not None else {}
+
+
+class StartOutcomeUnknown(Unavailable):
+    """Redis failed while a workflow's start was being committed: it may have started."""
+
+    slug = "start-outcome-unknown"
+
+    def __init__(self, workflow_id: str, location: str, cause: str) -> None:
+        super().__init__(
+            f"Redis did not answer ({cause}), so workflow {workflow_id} may or may not have started: "
+            "GET its Location to find out (404: it did not), or repeat the request with the same "
+            "Idempotency-Key, which starts it at most once"
+        )
+        self.workflow_id = workflow_id
+        self.location = location
+
+    def extensions(self) -> dict[str, Any]:
+        return {"workflow_id": self.workflow_id}
+
+    def headers(self) -> dict[str, str]:
+        return {"Location": self.location}

@@ -105,7 +105,11 @@ PROBLEMS = {
     413: ("BodyTooLarge", f"The body exceeds {MAX_BODY_BYTES >> 20} MiB."),
     415: ("UnsupportedMediaType", "Content-Type is not application/json."),
     422: ("InvalidInput", "A field is missing, of the wrong type or out of range; `field` names it."),
-    503: ("Unavailable", "Redis cannot be reached, or (readiness) a check fails."),
+    503: (
+        "Unavailable",
+        "Redis cannot be reached, or (readiness) a check fails; for a start, `start-outcome-unknown` with the "
+        "`workflow_id` and `Location` the workflow has if it did start.",
+    ),
 }
 BODY_PROBLEMS = (400, 413, 415, 422)
 

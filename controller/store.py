@@ -12,7 +12,9 @@ from typing import Any, Protocol
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contracts import naming
 from contracts.definitions import WorkflowDefinition
@@ -36,6 +38,16 @@ class CommitObserver(Protocol):
     :meth:`controller.metrics.ControllerMetrics.observe` is one."""
 
     def __call__(self, before: Instance | None, result: state_machine.Transition) -> None: ...
+
+
+class StartUncertain(Exception):
+    """Committing a start failed in a way that leaves unknown whether it landed (Redis
+    went away mid-call); ``workflow_id`` is the id it would have, ``cause`` the error."""
+
+    def __init__(self, workflow_id: str, cause: RedisError) -> None:
+        super().__init__(f"the start of workflow {workflow_id} may or may not have landed: {cause}")
+        self.workflow_id = workflow_id
+        self.cause = cause
 
 
 class IdempotencyConflict(Exception):
@@ -300,7 +312,10 @@ class WorkflowStore:
             traceparent=traceparent,
             sla_s=sla_s,
         )
-        outcome = await self._commit_start(self.commit(None, result))
+        try:
+            outcome = await self._commit_start(self.commit(None, result))
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # the reply never came
+            raise StartUncertain(workflow_id, exc) from exc
         if outcome.outcome is Outcome.OK:
             self.committed(None, result)
             return result.instance, True
