@@ -283,9 +283,12 @@ class GroupReader:
 
     async def dead_letter(self, entries: list[tuple[Entry, str]]) -> None:
         """Dead-letter each (entry, reason) and ack it."""
-        for entry, reason in entries:
+        await self.script.run(
+            self.redis, [dead_letter_commit(entry, self.group, self.consumer, reason) for entry, reason in entries]
+        )
+        for entry, reason in entries:  # once they landed: a failed attempt is retried, and logged then
             log.warning(
-                "dead-lettering %s %s from %s after %d deliveries: %s",
+                "dead-lettered %s %s from %s after %d deliveries: %s",
                 entry.field(naming.FIELD_TYPE),
                 entry.id,
                 entry.stream,
@@ -293,6 +296,3 @@ class GroupReader:
                 reason,
                 extra={"correlation_id": entry.field(naming.FIELD_CORRELATION_ID)},
             )
-        await self.script.run(
-            self.redis, [dead_letter_commit(entry, self.group, self.consumer, reason) for entry, reason in entries]
-        )

@@ -372,6 +372,7 @@ class Runner:
         try:
             commits: list[Commit] = []
             kinds: list[_Counted] = []
+            letters: list[tuple[Entry, str]] = []  # dead letters among the commits, logged once they land
             settled: list[_Key] = []  # entries whose commit acks them
             valid: list[_Decoded] = []
             for entry in entries:
@@ -379,7 +380,7 @@ class Runner:
                     envelope, parsed = decode_entry_parsed(entry, self.settings.partitions)
                     valid.append((entry, envelope, parsed))
                 except (DecodeError, PayloadError) as error:
-                    commits.append(self._dead_letter_commit(entry, error.reason))
+                    commits.append(self._dead_letter_commit(entry, error.reason, letters))
                     kinds.append((dead_letter_reason(error), 0, _type_of(entry)))
                     settled.append((entry.stream, entry.id))
             fresh: list[_Decoded] = []
@@ -413,15 +414,16 @@ class Runner:
                     commits.append(self._outcome_commit(entry, envelope, result.outgoing))
                     kinds.append((_Kind.OUTCOME, len(result.outgoing), _type_of(entry)))
                 elif isinstance(result, _Rejected):
-                    commits.append(self._dead_letter_commit(entry, result.reason))
+                    commits.append(self._dead_letter_commit(entry, result.reason, letters))
                     kinds.append((DeadLetterReason.REJECTED, 0, _type_of(entry)))
                 elif entry.deliveries >= self.policy.max_deliveries:
                     reason = f"gave up after {entry.deliveries} deliveries: {result.reason}"
-                    commits.append(self._dead_letter_commit(entry, reason))
+                    commits.append(self._dead_letter_commit(entry, reason, letters))
                     kinds.append((DeadLetterReason.EXHAUSTED, 0, _type_of(entry)))
                 else:
                     self._remember_failure(entry, result)
             self._count(kinds, await self._script.run(self.redis, commits))
+            self._log_dead_letters(letters)
             for stream, entry_id in settled:
                 self._last_error.pop((stream, entry_id), None)
                 self._not_before.pop((stream, entry_id), None)
@@ -552,18 +554,23 @@ class Runner:
             commit.xadd(naming.message_stream(p, message.type), encode(message))
         return commit.ack(entry.stream, self.group, entry.id)
 
-    def _dead_letter_commit(self, entry: Entry, reason: str) -> Commit:
-        log.warning(
-            "%s dead-letters %s %s from %s (delivery %d): %s",
-            self.participant.name,
-            entry.field(naming.FIELD_TYPE),
-            entry.id,
-            entry.stream,
-            entry.deliveries,
-            reason,
-            extra={"correlation_id": entry.field(naming.FIELD_CORRELATION_ID), "attempt": entry.deliveries},
-        )
+    def _dead_letter_commit(self, entry: Entry, reason: str, letters: list[tuple[Entry, str]]) -> Commit:
+        """The commit that dead-letters ``entry``; noted in ``letters`` to log once it has landed."""
+        letters.append((entry, reason))
         return dead_letter_commit(entry, self.group, self.settings.consumer, reason)
+
+    def _log_dead_letters(self, letters: list[tuple[Entry, str]]) -> None:
+        for entry, reason in letters:
+            log.warning(
+                "%s dead-lettered %s %s from %s (delivery %d): %s",
+                self.participant.name,
+                entry.field(naming.FIELD_TYPE),
+                entry.id,
+                entry.stream,
+                entry.deliveries,
+                reason,
+                extra={"correlation_id": entry.field(naming.FIELD_CORRELATION_ID), "attempt": entry.deliveries},
+            )
 
     def _remember_failure(self, entry: Entry, failure: _Failed) -> None:
         key = (entry.stream, entry.id)
@@ -617,15 +624,17 @@ class Runner:
         exhausted = [entry for entry in exhausted if (entry.stream, entry.id) not in taken]
         if exhausted:
             commits = []
+            letters: list[tuple[Entry, str]] = []
             for entry in exhausted:
                 last = self._last_error.get((entry.stream, entry.id))
                 reason = f"gave up after {entry.deliveries} deliveries: " + (
                     last or "no error recorded (a consumer died or stalled while handling it)"
                 )
-                commits.append(self._dead_letter_commit(entry, reason))
+                commits.append(self._dead_letter_commit(entry, reason, letters))
             results = await self._script.run(self.redis, commits)
             kinds: list[_Counted] = [(DeadLetterReason.EXHAUSTED, 0, _type_of(e)) for e in exhausted]
             self._count(kinds, results)
+            self._log_dead_letters(letters)
             for entry in exhausted:
                 self._last_error.pop((entry.stream, entry.id), None)
         if retry and not stop.is_set():

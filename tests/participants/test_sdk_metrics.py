@@ -103,7 +103,7 @@ async def test_handler_outcomes_durations_and_dead_letters_are_served_on_the_met
 
 
 async def test_a_dead_letter_is_counted_once_it_is_written_not_each_time_writing_it_failed(
-    redis: Redis, redis_url: str
+    redis: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()
     stream = stream_of(envelope("Ping"))
@@ -131,6 +131,8 @@ async def test_a_dead_letter_is_counted_once_it_is_written_not_each_time_writing
     ) in (None, 0)
     assert messages(found, "Ping", HandlerOutcome.DEAD_LETTERED) == 1
     assert sample(found, "streamsaga_dead_letters_total", group="shaky", reason_kind=DeadLetterReason.UNDECODABLE) == 1
+    # and logged once, when it landed
+    assert sum("dead-lettered" in r.getMessage() for r in caplog.records if r.name == "participants.sdk.runner") == 1
 
 
 async def test_the_metrics_endpoint_stops_with_the_runner(redis_url: str) -> None:
