@@ -77,7 +77,7 @@ def samples(run: str) -> list[Sample]:
     """One order per outcome of the order saga.  Their SKUs are the ``run``'s own: the
     data dir persists, and stock taken by earlier runs must not change this run's outcomes."""
     assert UNSUPPORTED_COUNTRY not in COUNTRIES
-    return [
+    found = [
         Sample("completes", _order("alice", f"BOOK-{run}", 2, Decimal("12.50"), "US"), WorkflowStatus.COMPLETED,
                "an ordinary order"),
         Sample("over-limit", _order("bob", f"LAPTOP-{run}", 1, PAYMENT_LIMIT + Decimal("0.01"), "CA"),
@@ -89,6 +89,9 @@ def samples(run: str) -> list[Sample]:
         Sample("notification-fails", _order(NOTIFY_FAILS_FOR, f"CARD-{run}", 1, Decimal("4.00"), "DE"),
                WorkflowStatus.COMPLETED, "the notification fails, which is not critical"),
     ]  # fmt: skip
+    for sample in found:  # so the ledger's order column says which sample a row is
+        sample.order["order_id"] = f"{sample.label}-{run}"
+    return found
 
 
 def say(message: str) -> None:

@@ -299,6 +299,9 @@ async def test_dev_runs_every_sample_to_its_expected_outcome_and_leaves_nothing_
     assert _outcomes(run.stdout) == DEV_OUTCOMES
     assert re.search(r"notification-fails\s+notification\s+failed", run.stdout)
     assert "ledger balances" in run.stdout
+    # each ledger row names its sample and the outcome it was checked against
+    assert re.search(r"\s+compensated\s+unsupported-country-\d+\s+USD", run.stdout), run.stdout
+    assert re.search(r"\s+completed\s+completes-\d+\s+USD", run.stdout), run.stdout
     started = pids(run.stdout)
     assert len(started) == 6  # the embedded redis-server, the controller and four workers
     assert [pid for pid in started if alive(pid)] == []
