@@ -143,6 +143,10 @@ async def create_groups(redis: Redis, groups: Sequence[tuple[str, str]]) -> None
             raise ResponseError(f"cannot create group {group!r} on {stream}: {result}")
 
 
+READ_BOUND = 4
+"""A read takes at most this many times its ``count`` in all, however many streams it reads."""
+
+
 class GroupReader:
     """Reads a set of streams as one consumer of one group."""
 
@@ -169,9 +173,10 @@ class GroupReader:
         # XREADGROUP's COUNT is per stream: over 32 streams, COUNT 200 could take 6,400
         # entries, all owned by this consumer until handled (and all redelivered, one more
         # delivery each, if it dies).  So each read asks every stream for `count` over the
-        # number of streams the last read found entries in: about `count` in all once the
-        # traffic's spread is known, and at most `count` at the start (all streams assumed busy).
+        # number of streams the last read found entries in (about `count` in all while the
+        # traffic keeps its spread), and never for more than READ_BOUND times `count` in all.
         self._busy_streams = len(self.streams)
+        self._scans = 0
 
     async def ensure_groups(self) -> None:
         """Create the group on every stream (see :func:`create_groups`)."""
@@ -204,8 +209,10 @@ class GroupReader:
 
     @property
     def per_stream(self) -> int:
-        """The COUNT of the next read: ``count`` shared by the streams the last read found busy."""
-        return max(1, self.count // self._busy_streams)
+        """The COUNT of the next read: ``count`` shared by the streams the last read found
+        busy, and at most :data:`READ_BOUND` ``* count`` over all the streams."""
+        bound = READ_BOUND * self.count // len(self.streams)
+        return max(1, min(self.count // self._busy_streams, bound))
 
     async def hold(self, entries: Iterable[tuple[str, Sequence[str], int]]) -> list[int | ResponseError]:
         """Set the idle time of entries this consumer owns, given as (stream, entry ids,
@@ -220,7 +227,9 @@ class GroupReader:
         ]
         return await _HOLD.call_many(self.redis, calls)
 
-    async def pending(self, exclude: Collection[tuple[str, str]] = ()) -> tuple[list[Entry], list[Entry]]:
+    async def pending(
+        self, exclude: Collection[tuple[str, str]] = (), limit: int | None = None
+    ) -> tuple[list[Entry], list[Entry]]:
         """(entries due for another try, entries that have failed too often).
 
         Both are claimed by this consumer; the caller processes the first and
@@ -228,58 +237,68 @@ class GroupReader:
         hands it over as its next delivery; one that failed too often carries the
         deliveries it was given up after.  ``exclude`` lists (stream, entry id) the caller
         still holds (in flight, or deferred): they are neither claimed nor counted
-        as a delivery.
+        as a delivery.  At most ``count`` of each kind per scan, and at most ``limit``
+        to try again (what the caller has room for), taken from the streams in turn so
+        that a backlog on one stream does not keep the others waiting.
         """
         floor = min(self.policy.base_ms, self.policy.claim_idle_ms)
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream in self.streams:
                 pipe.xpending_range(stream, self.group, "-", "+", self.count, idle=floor)
             summaries = await pipe.execute(raise_on_error=False)
-        due: dict[str, list[tuple[str, int]]] = {}
-        room = self.count  # at most a batch per scan, however many are due (as for reads)
+        candidates: list[list[tuple[str, str, int]]] = []  # per stream: (stream, entry id, deliveries)
         for stream, rows in zip(self.streams, summaries, strict=True):
             if isinstance(rows, Exception):
                 continue
+            due = []
             for row in rows:
-                if room == 0:
-                    break
                 entry_id = text(row["message_id"])
                 own = text(row["consumer"]) == self.consumer
                 if own and (stream, entry_id) in exclude:
                     continue
                 deliveries = int(row["times_delivered"])
                 if self.policy.due(deliveries, int(row["time_since_delivered"]), own):
-                    due.setdefault(stream, []).append((entry_id, deliveries))
-                    room -= 1
-        if not due:
+                    due.append((stream, entry_id, deliveries))
+            if due:
+                candidates.append(due)
+        rooms = {False: self.count if limit is None else min(self.count, limit), True: self.count}  # by exhausted
+        chosen: dict[str, list[tuple[str, int]]] = {}
+        # one from each stream in turn, starting one stream further on every scan
+        self._scans += 1
+        start = self._scans % len(candidates) if candidates else 0
+        for depth in range(max((len(due) for due in candidates), default=0)):
+            for due in candidates[start:] + candidates[:start]:
+                if depth < len(due):
+                    stream, entry_id, deliveries = due[depth]
+                    exhausted = deliveries >= self.policy.max_deliveries
+                    if rooms[exhausted] > 0:
+                        rooms[exhausted] -= 1
+                        chosen.setdefault(stream, []).append((entry_id, deliveries))
+        if not chosen:
             return [], []
         retry: list[Entry] = []
-        exhausted: list[Entry] = []
+        exhausted_entries: list[Entry] = []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, rows in due.items():
-                pipe.xclaim(stream, self.group, self.consumer, floor, [entry_id for entry_id, _ in rows])
+            for stream, picked in chosen.items():
+                pipe.xclaim(stream, self.group, self.consumer, floor, [entry_id for entry_id, _ in picked])
             claimed = await pipe.execute(raise_on_error=False)
-        vanished: list[tuple[str, str]] = []
-        for (stream, rows), entries in zip(due.items(), claimed, strict=True):
+        for (stream, picked), entries in zip(chosen.items(), claimed, strict=True):
             if isinstance(entries, Exception):
                 log.warning("cannot claim from %s: %s", stream, entries)
                 continue
-            counts = dict(rows)
-            found = {text(entry_id): fields for entry_id, fields in entries if fields is not None}
-            for entry_id, previous in counts.items():
-                if entry_id not in found:
-                    vanished.append((stream, entry_id))  # trimmed or deleted; nothing to do
+            # an entry missing from the reply was claimed by a peer meanwhile (its idle time
+            # no longer passes `floor`), or was deleted, which Redis 7 drops from the pending
+            # list itself: either way not this consumer's to settle (acking it could lose it)
+            found = {text(entry_id): fields for entry_id, fields in entries if entry_id is not None and fields}
+            for entry_id, previous in picked:
+                fields = found.get(entry_id)
+                if fields is None:
                     continue
                 if previous >= self.policy.max_deliveries:
-                    exhausted.append(Entry(stream, entry_id, found[entry_id], previous))
+                    exhausted_entries.append(Entry(stream, entry_id, fields, previous))
                 else:
-                    retry.append(Entry(stream, entry_id, found[entry_id], previous + 1))
-        if vanished:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for stream, entry_id in vanished:
-                    pipe.xack(stream, self.group, entry_id)
-                await pipe.execute(raise_on_error=False)
-        return retry, exhausted
+                    retry.append(Entry(stream, entry_id, fields, previous + 1))
+        return retry, exhausted_entries
 
     async def dead_letter(self, entries: list[tuple[Entry, str]]) -> None:
         """Dead-letter each (entry, reason) and ack it."""

@@ -614,7 +614,8 @@ class Runner:
             return
         self._settled_in_scan = set()
         try:
-            retry, exhausted = await self.reader.pending(exclude=self._in_flight.union(self._not_before))
+            room = max(0, self.settings.concurrency - self._running)  # retries wait for handler slots, as reads do
+            retry, exhausted = await self.reader.pending(exclude=self._in_flight.union(self._not_before), limit=room)
             # The exclusions are a snapshot: while the scan ran, a batch may have read one of
             # these entries and still hold it, or even have settled it.  It is that batch's.
             taken = self._in_flight.union(self._not_before, self._settled_in_scan)

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -26,6 +25,7 @@ from controller.app import create_app
 from controller.embedded_redis import free_port
 from controller.settings import ControllerSettings
 from tests.conftest import eventually
+from tests.faults import ReplyDroppingProxy
 
 P = 4
 ORDER: dict[str, Any] = {
@@ -545,66 +545,10 @@ async def test_readyz_is_503_while_redis_does_not_answer(serve: ApiFactory) -> N
     assert (await api.call("GET", "/healthz")).status == 200
 
 
-class ReplyDroppingProxy:
-    """A TCP proxy in front of the test's Redis that, while ``armed``, passes each script
-    call (EVALSHA) on and then closes the client's connection instead of answering:
-    Redis did the work, the controller never hears so.  A network fault, injected."""
-
-    def __init__(self, upstream: str) -> None:
-        parsed = urlsplit(upstream)
-        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 6379
-        self.path = parsed.path
-        self.armed = False
-        self.dropped = 0
-        self._server: asyncio.Server | None = None
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}{self.path}"
-
-    async def __aenter__(self) -> ReplyDroppingProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-
-    async def _serve(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
-        upstream_in, upstream_out = await asyncio.open_connection(self.host, self.port)
-        doomed = asyncio.Event()
-
-        async def requests() -> None:
-            while chunk := await client_in.read(65536):
-                if self.armed and b"EVALSHA" in chunk.upper():
-                    doomed.set()
-                upstream_out.write(chunk)
-                await upstream_out.drain()
-
-        async def replies() -> None:
-            while chunk := await upstream_in.read(65536):
-                if doomed.is_set():
-                    self.dropped += 1
-                    return  # the reply is lost with the connection
-                client_out.write(chunk)
-                await client_out.drain()
-
-        tasks = [asyncio.create_task(requests()), asyncio.create_task(replies())]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for writer in (client_out, upstream_out):
-            writer.close()
-
-
 async def test_a_start_whose_commit_reply_is_lost_is_503_with_the_workflow_id_it_may_have(
     serve: ApiFactory, redis_url: str
 ) -> None:
-    async with ReplyDroppingProxy(redis_url) as proxy:
+    async with ReplyDroppingProxy(redis_url, b"EVALSHA") as proxy:
         api = await serve(settings(proxy.url))
         await eventually(lambda: api.call("GET", "/readyz"), lambda r: r.status == 200, what="readiness")
         await api.start_order()  # the commit script is loaded: the next start runs it at once
@@ -622,3 +566,20 @@ async def test_a_start_whose_commit_reply_is_lost_is_503_with_the_workflow_id_it
         again = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "lost-reply"})
         assert (again.status, again.body["workflow_id"]) == (202, workflow_id)
         assert again.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_a_start_whose_first_reply_is_lost_is_retried_once_and_started_once(
+    serve: ApiFactory, redis_url: str
+) -> None:
+    async with ReplyDroppingProxy(redis_url, b"EVALSHA", once=True) as proxy:
+        api = await serve(settings(proxy.url))
+        await eventually(lambda: api.call("GET", "/readyz"), lambda r: r.status == 200, what="readiness")
+        await api.start_order()  # the commit script is loaded: the next start runs it at once
+        proxy.armed = True
+        reply = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "one-lost-reply"})
+
+        assert proxy.dropped == 1
+        # the retry found the start already made: the same workflow, answered as a replay
+        assert reply.status == 202, reply.body
+        assert reply.headers["Idempotent-Replayed"] == "true"
+        assert (await api.workflow(reply.body["workflow_id"]))["status"] == "running"

@@ -8,9 +8,10 @@ from typing import Any
 from redis.asyncio import Redis
 
 from contracts import naming
-from participants.sdk.connection import text
-from participants.sdk.consumer import GroupReader, RetryPolicy
+from participants.sdk.connection import connect, text
+from participants.sdk.consumer import READ_BOUND, GroupReader, RetryPolicy
 from tests.conftest import eventually
+from tests.faults import ReplyDroppingProxy
 
 STREAM = naming.message_stream(0, "Ping")
 POLICY = RetryPolicy(max_deliveries=5, base_ms=10, max_ms=10, claim_idle_ms=60_000)
@@ -96,7 +97,8 @@ async def test_a_read_over_many_busy_streams_takes_about_a_batch_not_a_batch_per
     assert all(size <= 40 for size in sizes), sizes
     assert sizes[1:] == [32] * 4  # 16 busy streams: 2 each, about a batch
 
-    # one busy stream left: it gets the whole batch
+    # one busy stream left: it gets more of the batch, but never so much that a burst on
+    # every stream could take more than READ_BOUND batches at once
     hot = naming.message_stream(0, "Hot")
     alone = GroupReader(redis, "g", "me", [*streams, hot], count=40)
     await alone.ensure_groups()
@@ -105,7 +107,12 @@ async def test_a_read_over_many_busy_streams_takes_about_a_batch_not_a_batch_per
     for n in range(200):
         await redis.xadd(hot, {"n": str(n)})
     sizes = [len(await alone.read(block_ms=100)) for _ in range(3)]
-    assert sizes == [2, 40, 40]  # the first read still assumes every stream busy
+    bound = READ_BOUND * 40 // 17
+    assert sizes == [2, bound, bound]  # the first read still assumes every stream busy
+    for stream in streams:
+        await redis.xadd(stream, {"n": "burst"})
+        await redis.xadd(stream, {"n": "burst"})
+    assert len(await alone.read(block_ms=100)) <= READ_BOUND * 40
 
 
 async def test_a_pending_scan_claims_at_most_a_batch(redis: Redis) -> None:
@@ -131,3 +138,29 @@ async def test_a_pending_scan_claims_at_most_a_batch(redis: Redis) -> None:
         held.update((entry.stream, entry.id) for entry in retry)
     assert taken == [50, 50, 20]
     assert len(held) == 120
+
+
+async def test_entries_whose_claim_reply_was_lost_stay_pending_for_the_next_scan(redis: Redis, redis_url: str) -> None:
+    dead = GroupReader(redis, "g", "dead", [STREAM])
+    await dead.ensure_groups()
+    for n in range(5):
+        await redis.xadd(STREAM, {"n": str(n)})
+    owned = await dead.read(block_ms=100)
+    ids: list[Any] = [entry.id for entry in owned]
+    await redis.xclaim(STREAM, "g", "dead", 0, ids, idle=60_000, justid=True)  # its owner died a minute ago
+
+    async with ReplyDroppingProxy(redis_url, b"XCLAIM", once=True) as proxy:
+        client = connect(proxy.url)
+        try:
+            live = GroupReader(client, "g", "live", [STREAM], policy=RetryPolicy(base_ms=50, claim_idle_ms=5_000))
+            proxy.armed = True
+            # the claim lands but its reply is lost; the retry finds them no longer idle
+            assert await live.pending() == ([], [])
+            assert proxy.dropped == 1
+            owners = {entry_id: owner for entry_id, (owner, _) in (await pending_rows(redis)).items()}
+            assert owners == dict.fromkeys(ids, "live")
+            # not acked as if gone: after this consumer's backoff they are handed back
+            retry, _ = await eventually(live.pending, lambda found: bool(found[0]))
+        finally:
+            await client.aclose()
+    assert sorted(entry.id for entry in retry) == sorted(ids)

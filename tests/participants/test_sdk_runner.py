@@ -194,7 +194,9 @@ async def test_an_entry_a_batch_took_while_a_pending_scan_ran_is_left_to_that_ba
     async with running(slow, fast_settings(redis_url)) as runner:
         real = runner.reader.pending
 
-        async def stale_scan(exclude: Collection[tuple[str, str]] = ()) -> tuple[list[Entry], list[Entry]]:
+        async def stale_scan(
+            exclude: Collection[tuple[str, str]] = (), limit: int | None = None
+        ) -> tuple[list[Entry], list[Entry]]:
             nonlocal scans
             scans += 1
             # the scan waited: what the runner refreshed just before it has been idle since
@@ -203,7 +205,7 @@ async def test_an_entry_a_batch_took_while_a_pending_scan_ran_is_left_to_that_ba
                 await redis.xclaim(
                     stream, "slow", "live", 0, [row["message_id"] for row in rows], idle=1_000, justid=True
                 )
-            retry, exhausted = await real(())  # as if the runner held nothing when the scan started
+            retry, exhausted = await real((), limit)  # as if the runner held nothing when the scan started
             handed_back.extend(entry.id for entry in retry)
             if len(handed_back) == 2:
                 release.set()  # this time the batch finishes, and acks the entry, before the scan returns
