@@ -33,6 +33,7 @@ from controller.store import WorkflowStore
 from controller.timers import TimerPoller
 from participants.sdk.connection import connect
 from participants.sdk.consumer import RetryPolicy
+from participants.sdk.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +231,7 @@ async def _run_correlator(correlator: Correlator, stop: asyncio.Event, ready: as
             except (RedisError, OSError) as exc:
                 ready.clear()
                 log.warning("correlator cannot reach Redis (%s); trying again in %.0fs", exc, RECONNECT_S)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), RECONNECT_S)
+                await wait_until(stop, RECONNECT_S)
     finally:
         ready.clear()
 

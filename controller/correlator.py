@@ -12,7 +12,6 @@ forgotten, read again and decided again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +19,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contracts import naming
 from contracts.envelope import DecodeError, Envelope, utcnow
@@ -34,6 +34,7 @@ from participants.sdk.commit import Commit, Outcome
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, decode_entry, entry_order
 from participants.sdk.logs import Outage
 from participants.sdk.metrics import DeadLetterReason, dead_letter_reason
+from participants.sdk.waiting import wait_until
 
 if TYPE_CHECKING:
     from controller.metrics import ControllerMetrics
@@ -116,23 +117,24 @@ class Correlator:
                     if retry:
                         await self.handle(retry)
                 entries = await self.reader.read()
-                outage.recovered()
-                if ready is not None:
-                    ready.set()  # again, after an outage: /readyz follows
                 if entries:
                     await self.handle(entries)
+                outage.recovered()  # a round went through
+                if ready is not None:
+                    ready.set()  # again, after an outage: /readyz follows
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
-                # Redis is gone or refuses: not ready; the entries stay pending and are retried
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                # Redis cannot be reached: not ready; the entries stay pending and are retried
                 if ready is not None:
                     ready.clear()
                 outage.failed(exc)
-                await _pause(stop, _PAUSE_AFTER_ERROR_S)
+                await wait_until(stop, _PAUSE_AFTER_ERROR_S)
             except Exception:
-                # a bug: the entries stay pending and are retried by `pending()`; back off briefly
+                # a bug, or Redis refusing (out of memory, a script error): the entries stay
+                # pending and are retried by `pending()`; back off briefly
                 log.exception("correlator batch failed; its entries will be retried")
-                await _pause(stop, _PAUSE_AFTER_ERROR_S)
+                await wait_until(stop, _PAUSE_AFTER_ERROR_S)
 
     async def handle(self, entries: list[Entry]) -> None:
         """Apply a batch of entries (in stream order per workflow)."""
@@ -273,12 +275,6 @@ def _log_commit(before: Instance, result: state_machine.Transition, envelope: En
         _note(cause.detail or after.error),
         extra=extra,
     )
-
-
-async def _pause(stop: asyncio.Event, seconds: float) -> None:
-    """Wait ``seconds``, or less if ``stop`` is set meanwhile."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def _note(detail: str | None) -> str:

@@ -28,6 +28,7 @@ import aiohttp
 
 from controller.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from controller.instance import TERMINAL, WorkflowStatus
+from participants.sdk.waiting import wait_until
 from participants.workers import WORKER_NAMES
 
 POLL_S = 0.1
@@ -232,18 +233,13 @@ async def _wait_for(
             async with session.get(path) as response:
                 if response.status == 200 and ready(await response.json(content_type=None)):
                     return True
-        await _pause(stop, POLL_S)
+        await wait_until(stop, POLL_S)
     return False
 
 
 def _workers_live(body: Any) -> bool:
     """Every example worker heartbeats, per ``GET /v1/participants``."""
     return {p["name"] for p in body["participants"] if p["live"]} >= set(WORKER_NAMES)
-
-
-async def _pause(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
 
 async def _submit(session: aiohttp.ClientSession, sample: Sample) -> str | None:
@@ -274,7 +270,7 @@ async def _watch(
             seen[workflow_id] = view
             if view["status"] in DONE:
                 final[workflow_id] = view["status"]
-        await _pause(stop, POLL_S)
+        await wait_until(stop, POLL_S)
 
 
 async def _print_ledger(redis_url: str, partitions: int) -> None:
@@ -379,4 +375,4 @@ async def _keep_running(children: Children, stop: asyncio.Event) -> None:
             if child.name not in reported:
                 reported.add(child.name)
                 say(f"dev: {child.name} exited with {child.process.returncode}; see {child.log_path}")
-        await _pause(stop, 1.0)
+        await wait_until(stop, 1.0)

@@ -41,6 +41,8 @@ from controller.errors import Unavailable
 from controller.instance import TERMINAL, Instance
 from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS
 from participants.sdk.consumer import entry_order
+from participants.sdk.logs import Outage
+from participants.sdk.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +454,7 @@ class ProgressHub:
     async def run(self) -> None:
         """Read and dispatch until :meth:`stop`; then end every subscription."""
         ticker = asyncio.create_task(self._keepalives(), name="progress keep-alives")
-        outage = False
+        outage = Outage(log, "progress feed (reading Redis)")
         try:
             while not self._stopping:
                 if self._cursor is None or not self.clients:
@@ -464,15 +466,10 @@ class ProgressHub:
                 try:
                     reply: Any = await self.redis.xread(positions, count=READ_COUNT, block=self.block_ms)  # type: ignore[arg-type]
                 except (RedisError, OSError) as exc:
-                    if not outage:
-                        log.warning("progress feed cannot read Redis (%s); trying again every %.0fs", exc, RECONNECT_S)
-                    outage = True
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopped.wait(), RECONNECT_S)
+                    outage.failed(exc)
+                    await wait_until(self._stopped, RECONNECT_S)
                     continue
-                if outage:
-                    log.info("progress feed reads Redis again")
-                    outage = False
+                outage.recovered()
                 self.reads += 1
                 if reply:
                     self._dispatch(reply)

@@ -13,7 +13,6 @@ keyspace scan.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -28,6 +27,7 @@ from controller.instance import TERMINAL
 from controller.liveness import announced_types
 from participants.sdk.connection import text
 from participants.sdk.consumer import create_groups, entry_order
+from participants.sdk.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +150,9 @@ class Retention:
                 break
             except RedisError as exc:
                 log.warning("cannot create the declared consumer groups yet: %s", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+                await wait_until(stop, 1.0)
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval_s)
-            if stop.is_set():
+            if await wait_until(stop, self.interval_s):
                 return
             try:
                 await self.pass_once()

@@ -11,7 +11,6 @@ and when it fires.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from importlib import resources
 
@@ -23,6 +22,7 @@ from contracts.envelope import WorkflowRef
 from contracts.messages import TIMER_FIRED
 from participants.sdk.logs import Outage
 from participants.sdk.scripts import Script
+from participants.sdk.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -73,5 +73,4 @@ class TimerPoller:
             except RedisError as exc:
                 outage.failed(exc)
                 pause = max(pause, _PAUSE_AFTER_ERROR_S)  # not 20 attempts a second at a dead server
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), pause)
+            await wait_until(stop, pause)

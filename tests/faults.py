@@ -6,20 +6,27 @@ import asyncio
 from urllib.parse import urlsplit
 
 
-class ReplyDroppingProxy:
-    """A TCP proxy in front of the test's Redis.  While ``armed`` it passes a request
-    that names ``command`` on to Redis and then closes the client's connection instead
-    of answering: Redis did the work, the client never hears so.  ``once`` disarms it
-    after the first drop, so the client's retry on a fresh connection gets through."""
+class RedisProxy:
+    """A TCP proxy in front of the test's Redis that can fail the way networks do.
 
-    def __init__(self, upstream: str, command: bytes, *, once: bool = False) -> None:
+    * :meth:`drop_reply`: a request naming a command is passed on to Redis, and the
+      client's connection is then closed instead of answered: Redis did the work, the
+      client never hears so (``once``: only the first such request; the client's retry
+      on a fresh connection gets through).
+    * :meth:`go_down` / :meth:`come_back`: every connection is closed, and new ones are
+      closed at once, until it comes back: Redis unreachable.
+    """
+
+    def __init__(self, upstream: str) -> None:
         parsed = urlsplit(upstream)
         self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 6379
         self.path = parsed.path
-        self.command = command.upper()
-        self.once = once
-        self.armed = False
         self.dropped = 0
+        self.refused = 0  # connections closed at once while down
+        self._drop: bytes | None = None
+        self._once = False
+        self._down = False
+        self._open: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
 
     @property
@@ -28,25 +35,45 @@ class ReplyDroppingProxy:
         port = self._server.sockets[0].getsockname()[1]
         return f"redis://127.0.0.1:{port}{self.path}"
 
-    async def __aenter__(self) -> ReplyDroppingProxy:
+    def drop_reply(self, command: bytes | None, *, once: bool = False) -> None:
+        """Lose the reply to the next requests naming ``command`` (None: stop)."""
+        self._drop = command.upper() if command else None
+        self._once = once
+
+    def go_down(self) -> None:
+        self._down = True
+        for writer in list(self._open):
+            writer.close()
+
+    def come_back(self) -> None:
+        self._down = False
+
+    async def __aenter__(self) -> RedisProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self
 
     async def __aexit__(self, *_: object) -> None:
         assert self._server is not None
         self._server.close()
+        for writer in list(self._open):
+            writer.close()
         await self._server.wait_closed()
 
     async def _serve(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        if self._down:
+            self.refused += 1
+            client_out.close()
+            return
         upstream_in, upstream_out = await asyncio.open_connection(self.host, self.port)
+        self._open.update((client_out, upstream_out))
         doomed = asyncio.Event()
 
         async def requests() -> None:
             while chunk := await client_in.read(65536):
-                if self.armed and self.command in chunk.upper():
+                if self._drop is not None and self._drop in chunk.upper():
                     doomed.set()
-                    if self.once:
-                        self.armed = False
+                    if self._once:
+                        self._drop = None
                 upstream_out.write(chunk)
                 await upstream_out.drain()
 
@@ -65,3 +92,4 @@ class ReplyDroppingProxy:
         await asyncio.gather(*tasks, return_exceptions=True)
         for writer in (client_out, upstream_out):
             writer.close()
+            self._open.discard(writer)

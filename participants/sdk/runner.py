@@ -47,9 +47,10 @@ from participants.sdk.commit import Commit, CommitResult, CommitScript, Outcome
 from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS, connect
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit, decode_entry_parsed
 from participants.sdk.errors import Reject, Retry
-from participants.sdk.logs import log_context
+from participants.sdk.logs import Outage, log_context
 from participants.sdk.metrics import DeadLetterReason, HandlerOutcome, MetricsServer, RunnerMetrics, dead_letter_reason
 from participants.sdk.participant import Message, Participant, Reply
+from participants.sdk.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -326,16 +327,18 @@ class Runner:
     # --- reading ---------------------------------------------------------------
 
     async def _read_loop(self, stop: asyncio.Event) -> None:
+        outage = Outage(log, f"{self.heartbeat_field} reading")
         while not stop.is_set():
             if not self._capacity.is_set():
-                await _wait(self._capacity, self.settings.block_ms / 1000)
+                await wait_until(self._capacity, self.settings.block_ms / 1000)
                 continue
             try:
                 entries = await self.reader.read()
             except RedisError as error:
-                log.warning("%s cannot read (%s); trying again", self.heartbeat_field, error)
-                await _wait(stop, _PAUSE_AFTER_ERROR_S)
+                outage.failed(error)
+                await wait_until(stop, _PAUSE_AFTER_ERROR_S)
                 continue
+            outage.recovered()
             if entries:
                 self._spawn(entries)
 
@@ -601,12 +604,14 @@ class Runner:
     # --- retries, takeover, dead letters --------------------------------------------
 
     async def _maintenance_loop(self, stop: asyncio.Event, halt: asyncio.Event) -> None:
+        outage = Outage(log, f"{self.heartbeat_field} pending scan")
         while not halt.is_set():
             try:
                 await self._maintain(stop)
+                outage.recovered()
             except RedisError as error:
-                log.warning("%s: pending scan failed (%s); trying again", self.heartbeat_field, error)
-            await _wait(halt, self.settings.pending_interval_s)
+                outage.failed(error)
+            await wait_until(halt, self.settings.pending_interval_s)
 
     async def _maintain(self, stop: asyncio.Event) -> None:
         await self._hold_and_release()
@@ -671,7 +676,7 @@ class Runner:
 
     async def _heartbeat_loop(self, halt: asyncio.Event) -> None:
         while not halt.is_set():
-            await _wait(halt, self.settings.heartbeat_interval_s)
+            await wait_until(halt, self.settings.heartbeat_interval_s)
             if halt.is_set():
                 return
             try:
@@ -715,14 +720,6 @@ async def run_participant(participant: Participant, settings: RunnerSettings, st
     """Run ``participant`` until ``stop`` is set, then drain and return."""
     async with Runner(participant, settings) as runner:
         await runner.run(stop)
-
-
-async def _wait(event: asyncio.Event, seconds: float) -> None:
-    """Wait for ``event``, at most ``seconds``."""
-    try:
-        await asyncio.wait_for(event.wait(), seconds)
-    except TimeoutError:
-        return
 
 
 async def _finish(task: asyncio.Task[None], halt: asyncio.Event) -> None:

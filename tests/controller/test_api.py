@@ -25,7 +25,7 @@ from controller.app import create_app
 from controller.embedded_redis import free_port
 from controller.settings import ControllerSettings
 from tests.conftest import eventually
-from tests.faults import ReplyDroppingProxy
+from tests.faults import RedisProxy
 
 P = 4
 ORDER: dict[str, Any] = {
@@ -548,13 +548,13 @@ async def test_readyz_is_503_while_redis_does_not_answer(serve: ApiFactory) -> N
 async def test_a_start_whose_commit_reply_is_lost_is_503_with_the_workflow_id_it_may_have(
     serve: ApiFactory, redis_url: str
 ) -> None:
-    async with ReplyDroppingProxy(redis_url, b"EVALSHA") as proxy:
+    async with RedisProxy(redis_url) as proxy:
         api = await serve(settings(proxy.url))
         await eventually(lambda: api.call("GET", "/readyz"), lambda r: r.status == 200, what="readiness")
         await api.start_order()  # the commit script is loaded: the next start runs it at once
-        proxy.armed = True
+        proxy.drop_reply(b"EVALSHA")  # the retry's reply too
         reply = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "lost-reply"})
-        proxy.armed = False
+        proxy.drop_reply(None)
 
         assert_problem(reply, 503, None)
         assert reply.body["type"].endswith(":start-outcome-unknown")
@@ -571,11 +571,11 @@ async def test_a_start_whose_commit_reply_is_lost_is_503_with_the_workflow_id_it
 async def test_a_start_whose_first_reply_is_lost_is_retried_once_and_started_once(
     serve: ApiFactory, redis_url: str
 ) -> None:
-    async with ReplyDroppingProxy(redis_url, b"EVALSHA", once=True) as proxy:
+    async with RedisProxy(redis_url) as proxy:
         api = await serve(settings(proxy.url))
         await eventually(lambda: api.call("GET", "/readyz"), lambda r: r.status == 200, what="readiness")
         await api.start_order()  # the commit script is loaded: the next start runs it at once
-        proxy.armed = True
+        proxy.drop_reply(b"EVALSHA", once=True)
         reply = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "one-lost-reply"})
 
         assert proxy.dropped == 1

@@ -21,8 +21,10 @@ from controller.definitions import Definitions
 from controller.instance import Instance, WorkflowStatus
 from controller.store import IdempotencyConflict, WorkflowStore
 from participants.sdk.commit import Outcome
+from participants.sdk.connection import connect
 from participants.sdk.consumer import RetryPolicy
 from tests.conftest import eventually
+from tests.faults import RedisProxy
 
 P = 4
 HAPPY = ("OrderSubmitted", "PaymentCaptured", "InventoryReserved", "ShipmentScheduled", "CustomerNotified")
@@ -490,34 +492,39 @@ async def test_a_start_replaces_what_the_cache_kept_under_its_id(redis: Redis) -
     assert store.cache.get(new.id) is new  # not the version-2 instance of the expired workflow
 
 
-async def test_readiness_follows_redis_errors_and_an_outage_is_logged_once(
-    store: WorkflowStore, caplog: pytest.LogCaptureFixture
+async def test_readiness_follows_redis_outages_and_an_outage_is_logged_once(
+    redis: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="controller.correlator")
-    worker = correlator(store)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(worker.run(stop, ready))
-    stream = naming.message_stream(0, "PaymentCaptured")
-    try:
-        await eventually(lambda: _is_set(ready), bool, what="ready")
-        # a key of the wrong type where a stream should be: every read fails, as with Redis gone
-        await store.redis.delete(stream)
-        await store.redis.set(stream, "not a stream")
-        await eventually(lambda: _is_set(ready), lambda is_set: not is_set, what="not ready")
-        await eventually(lambda: _failures(caplog), lambda n: n >= 1, what="the outage logged")
-
-        await store.redis.delete(stream)  # the group is made again, reads work again
-        await eventually(lambda: _is_set(ready), bool, what="ready again")
-        instance = await start_order(store)
-        await emit(store, envelope(instance, "PaymentCaptured"))
-        await eventually(lambda: counter(worker, "applied"), lambda n: n == 1, what="the event applied")
-    finally:
-        stop.set()
-        await task
+    async with RedisProxy(redis_url) as proxy:
+        client = connect(proxy.url)
+        store = WorkflowStore(client, P)
+        worker = correlator(store)
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(worker.run(stop, ready))
+        try:
+            await eventually(lambda: _is_set(ready), bool, what="ready")
+            proxy.go_down()  # every connection cut, new ones refused
+            await eventually(lambda: _is_set(ready), lambda is_set: not is_set, what="not ready")
+            await eventually(lambda: _failures(caplog), lambda n: n >= 1, what="the outage logged")
+            await eventually(lambda: _refused(proxy), lambda n: n >= 6, what="rounds failing")  # 2 per round
+            proxy.come_back()
+            await eventually(lambda: _is_set(ready), bool, what="ready again")
+            instance = await start_order(WorkflowStore(redis, P))
+            await emit(store, envelope(instance, "PaymentCaptured"))
+            await eventually(lambda: counter(worker, "applied"), lambda n: n == 1, what="the event applied")
+        finally:
+            stop.set()
+            await task
+            await client.aclose()
     lines = [r.getMessage() for r in caplog.records if r.name == "controller.correlator"]
-    assert sum("failed: ResponseError" in line for line in lines) == 1  # UNBLOCKED, then WRONGTYPE
-    assert sum("works again" in line for line in lines) == 1
+    assert sum("failed: ConnectionError" in line for line in lines) == 1, lines
+    assert sum("works again" in line for line in lines) == 1, lines
     assert not [r for r in caplog.records if r.exc_info]  # no tracebacks for an outage
+
+
+async def _refused(proxy: RedisProxy) -> int:
+    return proxy.refused
 
 
 async def _is_set(event: asyncio.Event) -> bool:

@@ -11,7 +11,7 @@ from contracts import naming
 from participants.sdk.connection import connect, text
 from participants.sdk.consumer import READ_BOUND, GroupReader, RetryPolicy
 from tests.conftest import eventually
-from tests.faults import ReplyDroppingProxy
+from tests.faults import RedisProxy
 
 STREAM = naming.message_stream(0, "Ping")
 POLICY = RetryPolicy(max_deliveries=5, base_ms=10, max_ms=10, claim_idle_ms=60_000)
@@ -149,11 +149,11 @@ async def test_entries_whose_claim_reply_was_lost_stay_pending_for_the_next_scan
     ids: list[Any] = [entry.id for entry in owned]
     await redis.xclaim(STREAM, "g", "dead", 0, ids, idle=60_000, justid=True)  # its owner died a minute ago
 
-    async with ReplyDroppingProxy(redis_url, b"XCLAIM", once=True) as proxy:
+    async with RedisProxy(redis_url) as proxy:
         client = connect(proxy.url)
         try:
             live = GroupReader(client, "g", "live", [STREAM], policy=RetryPolicy(base_ms=50, claim_idle_ms=5_000))
-            proxy.armed = True
+            proxy.drop_reply(b"XCLAIM", once=True)
             # the claim lands but its reply is lost; the retry finds them no longer idle
             assert await live.pending() == ([], [])
             assert proxy.dropped == 1
