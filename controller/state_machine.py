@@ -499,8 +499,10 @@ def _step_done(definition: StepDefinition, step: StepState) -> bool:
 
 def _after_the_end(status: WorkflowStatus, definition: StepDefinition) -> str:
     """What becomes of a step that completes once its workflow no longer runs (see :meth:`_Decider.settle`)."""
-    if status in (WorkflowStatus.COMPLETED, WorkflowStatus.NEEDS_ATTENTION):
+    if status is WorkflowStatus.COMPLETED:
         return "recorded; the workflow stays as it is"
     if definition.compensation is None:
         return "it has no compensation, so nothing is undone"
+    if status is WorkflowStatus.NEEDS_ATTENTION:
+        return "it will be compensated when an operator retries the workflow"
     return "it will be compensated"

@@ -262,6 +262,26 @@ def test_a_late_completion_says_what_becomes_of_it() -> None:
     assert saga.history[-1].detail == (
         "notification completed while the workflow was completed; recorded; the workflow stays as it is"
     )
+    # a workflow waiting for an operator: the late step is undone once the operator retries
+    saga = Saga()
+    saga.event("PaymentCaptured")
+    saga.event("InventoryUnavailable", {"reason": "short"})
+    for _ in range(4):
+        saga.event("RefundFailed", {"reason": "card expired"})
+        saga.fire("comp:payment")
+    saga.event("RefundFailed", {"reason": "card expired"})
+    assert saga.status() is WorkflowStatus.NEEDS_ATTENTION
+    saga.event("ShipmentScheduled")
+    assert saga.history[-1].detail == (
+        "shipping completed while the workflow was needs_attention; "
+        "it will be compensated when an operator retries the workflow"
+    )
+    assert saga.status() is WorkflowStatus.NEEDS_ATTENTION
+    saga.event(RETRY_REQUESTED, {"by": "ops"})
+    saga.event("PaymentRefunded")
+    assert saga.sent[-1] == "CancelShipment"
+    saga.event("ShipmentCancelled")
+    assert saga.status() is WorkflowStatus.COMPENSATED
 
 
 def test_a_failed_compensation_is_retried_then_needs_attention() -> None:
