@@ -230,8 +230,8 @@ class StartOutcomeUnknown(Unavailable):
     def __init__(self, workflow_id: str, location: str, cause: str) -> None:
         super().__init__(
             f"Redis did not answer ({cause}), so workflow {workflow_id} may or may not have started: "
-            "GET its Location to find out (404: it did not), or repeat the request with the same "
-            "Idempotency-Key, which starts it at most once"
+            "repeat the request with the same Idempotency-Key, which starts it at most once; its Location "
+            "shows it once it has started (a 404 there may only mean not yet)"
         )
         self.workflow_id = workflow_id
         self.location = location
