@@ -506,13 +506,16 @@ def _contracts_parser(sub: Any) -> None:
 
 
 def _ledger(args: argparse.Namespace) -> int:
+    from controller.store import WorkflowStore
     from participants.ledger import Ledger, format_ledger, read_ledger
     from participants.sdk.connection import connect
 
     async def read() -> Ledger:
         redis = connect(args.redis_url, name="streamsaga-ledger")
         try:
-            return await read_ledger(redis, args.partitions)
+            ledger = await read_ledger(redis)
+            ledger.settle(await WorkflowStore(redis, args.partitions).statuses(o.workflow_id for o in ledger.orders))
+            return ledger
         finally:
             await redis.aclose()
 
@@ -536,7 +539,9 @@ def _ledger_parser(sub: Any) -> None:
         "Show what the example workers recorded — payments and refunds, reservations and releases, "
         "shipments and cancellations — beside each workflow's status, and whether they balance (exit 1 if "
         "they do not): stock is conserved, nothing is refunded beyond its capture, a completed order kept "
-        "everything and a failed or compensated one kept nothing."
+        "everything and a failed or compensated one kept nothing.  Run it once no workflow is running: an "
+        "order whose late completion has not reached the controller yet shows as not balancing.  --partitions "
+        "must be the deployment's, or no workflow is found and no order is checked (the count is shown)."
     ))  # fmt: skip
     _add_redis_url(p)
     _add_partitions(p)

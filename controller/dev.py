@@ -274,12 +274,14 @@ async def _watch(
 
 
 async def _print_ledger(redis_url: str, partitions: int) -> None:
+    from controller.store import WorkflowStore
     from participants.ledger import format_ledger, read_ledger
     from participants.sdk.connection import connect
 
     redis = connect(redis_url, name="streamsaga-dev")
     try:
-        ledger = await read_ledger(redis, partitions)
+        ledger = await read_ledger(redis)
+        ledger.settle(await WorkflowStore(redis, partitions).statuses(o.workflow_id for o in ledger.orders))
     finally:
         await redis.aclose()
     say("\nledger:")

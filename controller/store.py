@@ -125,6 +125,11 @@ class WorkflowStore:
             raw = await pipe.execute()
         return {wid: Instance.model_validate_json(r) if r else None for wid, r in zip(ids, raw, strict=True)}
 
+    async def statuses(self, workflow_ids: Iterable[str]) -> dict[str, WorkflowStatus | None]:
+        """Each workflow's status (None: no such workflow, or it expired)."""
+        found = await self.load_many(workflow_ids)
+        return {workflow_id: instance.status if instance else None for workflow_id, instance in found.items()}
+
     async def load_for_update(self, workflow_ids: Iterable[str]) -> dict[str, Instance | None]:
         """Each workflow's instance to decide its next message on: the one this process
         committed last if it is cached, else read from Redis.

@@ -18,11 +18,10 @@ notification      ``notifications``                  workflow id -> :class:`Noti
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from decimal import Decimal
 from typing import Literal, TypeVar
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
@@ -149,7 +148,7 @@ class OrderRow(BaseModel):
     cancelled: bool = False
     notified: bool = False
     status: str | None = Field(
-        default=None, description="the workflow's status in the controller's store; None: not looked up or gone"
+        default=None, description="the workflow's status (Ledger.settle); None: not known, or gone"
     )
 
     @property
@@ -218,15 +217,21 @@ class Ledger(BaseModel):
     def mismatches(self) -> list[OrderRow]:
         return [o for o in self.orders if o.mismatch is not None]
 
+    def settle(self, statuses: Mapping[str, str | None]) -> None:
+        """Give each order its workflow's status (by workflow id; missing: not known), so
+        :attr:`balanced` checks each settled order against its outcome."""
+        for order in self.orders:
+            order.status = statuses.get(order.workflow_id)
+
     @property
     def unsettled(self) -> int:
         """Orders whose workflow is still running, or whose status is not known (expired, or not looked up)."""
         return sum(o.status not in ("completed", "compensated", "failed") for o in self.orders)
 
 
-async def read_ledger(redis: Redis, partitions: int | None = None) -> Ledger:
-    """Read every worker's records (one pipelined round trip); given the deployment's
-    ``partitions``, also each order's workflow status, to check each settled order."""
+async def read_ledger(redis: Redis) -> Ledger:
+    """Read every worker's records (one pipelined round trip).  The workflows' statuses
+    are the controller's to tell: :meth:`Ledger.settle` takes them."""
     keys = (CAPTURES, REFUNDS, STOCK, STOCK_INITIAL, RESERVATIONS, RELEASES, SHIPMENTS, CANCELLATIONS, NOTIFICATIONS)
     async with redis.pipeline(transaction=False) as pipe:
         for key in keys:
@@ -287,25 +292,12 @@ async def read_ledger(redis: Redis, partitions: int | None = None) -> Ledger:
         for sku in sorted(initial)
     ]
     orders = sorted(rows.values(), key=lambda o: (o.order_id or "", o.workflow_id))
-    if partitions is not None:
-        statuses = await _statuses(redis, [o.workflow_id for o in orders], partitions)
-        for order_row, status in zip(orders, statuses, strict=True):
-            order_row.status = status
     return Ledger(
         orders=orders,
         stock=stock,
         captured_cents=sum(o.captured_cents for o in orders),
         refunded_cents=sum(o.refunded_cents for o in orders),
     )
-
-
-async def _statuses(redis: Redis, workflow_ids: list[str], partitions: int) -> list[str | None]:
-    """Each workflow's status as the controller stored it (None: no such workflow, or expired)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for workflow_id in workflow_ids:
-            pipe.hget(naming.instance_key(naming.partition_of(workflow_id, partitions), workflow_id), "s")
-        raw = await pipe.execute()
-    return [str(orjson.loads(state).get("status")) if state else None for state in raw]
 
 
 def _money(cents: int) -> str:

@@ -12,7 +12,7 @@ from redis.exceptions import ResponseError
 from contracts import naming
 from contracts.definitions import ORDER_SAGA
 from contracts.envelope import utcnow
-from controller.instance import Instance
+from controller.instance import Instance, WorkflowStatus
 from controller.store import IdempotencyConflict, WorkflowStore, workflow_id_for
 from participants.sdk.commit import Commit, CommitResult, CommitScript
 from tests.controller.test_correlator import ORDER, P
@@ -112,3 +112,12 @@ async def test_starts_cache_the_instance_they_created(store: WorkflowStore) -> N
 
     assert store.cache.get(instance.id) is instance
     assert await store.load_for_update([instance.id]) == {instance.id: instance}
+
+
+async def test_statuses_says_each_workflows_status_and_none_for_one_it_does_not_have(redis: Redis) -> None:
+    store = WorkflowStore(redis, P)
+    started, _ = await store.start(ORDER_SAGA, {"order": ORDER}, utcnow())
+
+    found = await store.statuses([started.id, "no-such-workflow"])
+
+    assert found == {started.id: WorkflowStatus.RUNNING, "no-such-workflow": None}

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import orjson
 from redis.asyncio import Redis
 
-from contracts import naming
 from participants.ledger import Ledger, OrderRow, SkuStock, format_ledger, read_ledger
 from participants.sdk import Reply
 from participants.workers import WorkerSettings, build
 from tests.participants.helpers import envelope, message, order
-
-PARTITIONS = naming.DEFAULT_PARTITIONS
 
 
 async def _run(redis: Redis, worker: str, message_type: str, workflow: str, payload: dict[str, object]) -> Reply:
@@ -102,31 +98,19 @@ async def test_the_formatted_ledger_shows_orders_totals_and_stock(redis: Redis) 
     assert lines[-1] == "ledger balances"
 
 
-async def _settle(redis: Redis, workflow: str, status: str) -> None:
-    """Store a workflow instance in ``status``, as the controller would (only the field the ledger reads)."""
-    key = naming.instance_key(naming.partition_of(workflow, PARTITIONS), workflow)
-    await redis.hset(key, "s", orjson.dumps({"id": workflow, "status": status}))
-
-
 async def test_each_settled_order_must_keep_what_its_outcome_says(redis: Redis) -> None:
     await _order_through_shipping(redis, "wf-done", ("SKU-1", 1, "2.50"))
     await _order_through_shipping(redis, "wf-undone", ("SKU-1", 1, "2.50"))
     await _compensate(redis, "wf-undone")
     await _order_through_shipping(redis, "wf-leak", ("SKU-1", 1, "4.00"))  # captured, reserved, shipped
     await _order_through_shipping(redis, "wf-running", ("SKU-2", 1, "1.00"))
-    for workflow, status in (("wf-done", "completed"), ("wf-undone", "compensated"), ("wf-leak", "failed")):
-        await _settle(redis, workflow, status)
-    await _settle(redis, "wf-running", "compensating")
+    statuses = {"wf-done": "completed", "wf-undone": "compensated", "wf-leak": "failed", "wf-running": "compensating"}
 
-    assert (await read_ledger(redis)).balanced  # without the statuses, only stock and refunds are checked
-    books = await read_ledger(redis, PARTITIONS)
+    books = await read_ledger(redis)
+    assert books.balanced  # without the statuses, only stock and refunds are checked
+    books.settle(statuses)
     rows = {row.workflow_id: row for row in books.orders}
-    assert {wid: row.status for wid, row in rows.items()} == {
-        "wf-done": "completed",
-        "wf-undone": "compensated",
-        "wf-leak": "failed",
-        "wf-running": "compensating",
-    }
+    assert {wid: row.status for wid, row in rows.items()} == statuses
     assert [row.workflow_id for row in books.mismatches] == ["wf-leak"]
     assert rows["wf-leak"].mismatch == (
         "failed, but 4.00 captured and not refunded, stock reserved and not released, a shipment not cancelled"
@@ -138,11 +122,14 @@ async def test_each_settled_order_must_keep_what_its_outcome_says(redis: Redis) 
     assert "1 orders not settled or of unknown status" in text
     assert text.splitlines()[-1] == "LEDGER DOES NOT BALANCE"
 
-    await _settle(redis, "wf-done", "compensated")  # a completed order must keep it all, and vice versa
+    # the other way round: a completed order must keep everything
     await _compensate(redis, "wf-leak")
-    await _settle(redis, "wf-done", "completed")
     await _compensate(redis, "wf-done")
-    books = await read_ledger(redis, PARTITIONS)
+    books = await read_ledger(redis)
+    books.settle(statuses)
     assert [(row.workflow_id, row.mismatch) for row in books.mismatches] == [
         ("wf-done", "completed, but refunded, stock released, shipment cancelled")
     ]
+    books.settle({**statuses, "wf-done": "compensated"})
+    assert books.mismatches == []
+    assert books.balanced
