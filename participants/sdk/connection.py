@@ -82,8 +82,10 @@ def connect(url: str, *, name: str | None = None, max_connections: int = MAX_CON
         health_check_interval=30,
         # a pooled connection the server closed (Redis restarted, a proxy or firewall dropped
         # it) fails once on its next use, however late: one immediate retry on a fresh
-        # connection.  A retried write may land twice; every write we make dedupes (message
-        # ids, version checks, done-records).  Timeouts are not retried: Redis is slow or gone.
+        # connection.  A retried write may land twice: commits dedupe (message ids, version
+        # checks, done-records), claims leave alone what they no longer find, and a dead
+        # letter may be written twice (its entry acked once).  Timeouts are not retried:
+        # Redis is slow or gone.
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         retry_on_error=[RedisConnectionError],
         client_name=name,
