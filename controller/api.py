@@ -50,6 +50,7 @@ from controller.settings import ControllerSettings
 from controller.state_machine import NotAllowed, effective_sla
 from controller.store import IdempotencyConflict, StartUncertain, WorkflowStore
 from participants.sdk import tracing
+from participants.sdk.logs import Outage
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ STORE = web.AppKey("store", WorkflowStore)
 DEFINITIONS = web.AppKey("definitions", Definitions)
 CONTRACTS = web.AppKey("contracts", bytes)  # the JSON Schemas, serialised once
 CORRELATOR_READY = web.AppKey("correlator_ready", asyncio.Event)  # set while the correlator's groups exist and it runs
+REDIS_OUTAGE = web.AppKey("redis_outage", Outage)  # the API's requests failing on Redis, logged without a flood
 PROGRESS = web.AppKey("progress", ProgressHub)  # the live progress feeds' one reader; .clients counts them
 
 _IDEMPOTENCY_KEY = re.compile(openapi.IDEMPOTENCY_KEY_PATTERN)
@@ -91,8 +93,12 @@ class _HttpError(ApiError):
 async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every error as an RFC 9457 problem document — the only place errors become HTTP."""
     headers: dict[str, str] = {}
+    outage = request.app[REDIS_OUTAGE]
     try:
-        return await handler(request)
+        response = await handler(request)
+        if outage.failing and response.status < 500 and request.path.startswith(("/v1/", "/readyz")):
+            outage.recovered()  # the API's requests reach Redis again
+        return response
     except ApiError as exc:
         error = exc
     except web.HTTPRequestEntityTooLarge:
@@ -107,7 +113,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
             raise
         error = _HttpError(exc)
     except RedisError as exc:
-        log.warning("%s %s: Redis failed: %s", request.method, request.path, exc)
+        outage.failed(exc)  # logged once, then every 30 s while it lasts: not a line per request
         error = Unavailable(f"Redis did not answer: {exc}")
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
@@ -223,8 +229,8 @@ async def _start(request: web.Request, definition: WorkflowDefinition, payload: 
     except IdempotencyConflict as exc:
         raise IdempotencyKeyReused(exc.key) from None
     except StartUncertain as exc:
-        log.warning("%s %s: Redis failed while starting workflow %s: %s", request.method, request.path,
-                    exc.workflow_id, exc.cause)  # fmt: skip
+        request.app[REDIS_OUTAGE].failed(exc.cause)
+        log.debug("%s %s: workflow %s may or may not have started", request.method, request.path, exc.workflow_id)
         raise StartOutcomeUnknown(exc.workflow_id, _links(exc.workflow_id)["self"], str(exc.cause)) from None
     log.info(
         "%s %s workflow %s",
@@ -633,5 +639,5 @@ async def _pings(redis: Redis) -> bool:
         async with asyncio.timeout(PING_TIMEOUT_S):
             return bool(await redis.ping())
     except (RedisError, OSError, TimeoutError) as exc:
-        log.warning("readiness: Redis PING failed: %s", exc)
+        log.debug("readiness: Redis PING failed: %s", exc)  # the API's outage log tells it once
         return False

@@ -33,6 +33,7 @@ from controller.store import WorkflowStore
 from controller.timers import TimerPoller
 from participants.sdk.connection import connect
 from participants.sdk.consumer import RetryPolicy
+from participants.sdk.logs import Outage
 from participants.sdk.waiting import wait_until
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def create_app(settings: ControllerSettings) -> web.Application:
     app[api.DEFINITIONS] = Definitions.load(settings.definitions_path)
     app[api.CONTRACTS] = orjson.dumps(schemas())
     app[api.CORRELATOR_READY] = asyncio.Event()
+    app[api.REDIS_OUTAGE] = Outage(logging.getLogger(api.__name__), "the API's Redis requests")
     app[metrics.METRICS] = metrics.ControllerMetrics(app[api.DEFINITIONS])
     app.add_routes(api.routes)
     app.add_routes(metrics.routes)

@@ -675,14 +675,13 @@ class Runner:
     # --- heartbeat -------------------------------------------------------------------
 
     async def _heartbeat_loop(self, halt: asyncio.Event) -> None:
-        while not halt.is_set():
-            await wait_until(halt, self.settings.heartbeat_interval_s)
-            if halt.is_set():
-                return
+        outage = Outage(log, f"{self.heartbeat_field} heartbeat")
+        while not await wait_until(halt, self.settings.heartbeat_interval_s):
             try:
                 await self._beat()
+                outage.recovered()
             except RedisError as error:
-                log.warning("%s: heartbeat failed: %s", self.heartbeat_field, error)
+                outage.failed(error)
 
     async def _beat(self) -> None:
         beat = {

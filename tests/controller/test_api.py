@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -583,3 +584,24 @@ async def test_a_start_whose_first_reply_is_lost_is_retried_once_and_started_onc
         assert reply.status == 202, reply.body
         assert reply.headers["Idempotent-Replayed"] == "true"
         assert (await api.workflow(reply.body["workflow_id"]))["status"] == "running"
+
+
+async def test_an_outage_is_503_for_every_request_and_one_warning_in_the_log(
+    serve: ApiFactory, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="controller.api")
+    async with RedisProxy(redis_url) as proxy:
+        api = await serve(settings(proxy.url))
+        await eventually(lambda: api.call("GET", "/readyz"), lambda r: r.status == 200, what="readiness")
+        proxy.go_down()
+        replies = [await api.call("GET", "/v1/workflows") for _ in range(10)]
+        replies += [await api.call("POST", "/v1/orders", json=ORDER) for _ in range(10)]
+        assert {reply.status for reply in replies} == {503}
+        proxy.come_back()
+        assert (await api.call("GET", "/v1/workflows")).status == 200
+
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "controller.api"]
+    outage = [line for line in lines if "the API's Redis requests" in line[1]]
+    assert [level for level, _ in outage] == ["WARNING", "INFO"], lines  # failed once, then works again
+    assert "works again" in outage[1][1]
+    assert not [line for line in lines if line[0] == "WARNING" and line not in outage]
