@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_CONFLICT_ROUNDS = 5
+HOLD_LIMIT = 4
+"""Entries held back for time order: at most this many batches, then they are applied anyway."""
 _PAUSE_AFTER_ERROR_S = 0.5
 
 _Rejected = tuple[Entry, str, DeadLetterReason]  # an entry to dead-letter, why, and the kind of why
@@ -86,6 +88,7 @@ class Correlator:
             policy=policy,
             script=store.script,
         )
+        self._held: list[Entry] = []  # read, and waiting for older entries of other streams (see _in_time)
         self.applied = 0
         self.duplicates = 0
         self.conflicts = 0  # commits refused by the version guard, then decided again
@@ -106,7 +109,7 @@ class Correlator:
             try:
                 if time.monotonic() >= next_pending:
                     next_pending = time.monotonic() + self.pending_interval_s
-                    retry, exhausted = await self.reader.pending()
+                    retry, exhausted = await self.reader.pending(exclude={(e.stream, e.id) for e in self._held})
                     if exhausted:
                         await self._dead_letter(
                             [
@@ -116,7 +119,8 @@ class Correlator:
                         )
                     if retry:
                         await self.handle(retry)
-                entries = await self.reader.read()
+                # with entries held back, the next read must not wait for news to release them
+                entries = self._in_time(await self.reader.read(block_ms=0 if self._held else None))
                 if entries:
                     await self.handle(entries)
                 outage.recovered()  # a round went through
@@ -135,6 +139,30 @@ class Correlator:
                 # pending and are retried by `pending()`; back off briefly
                 log.exception("correlator batch failed; its entries will be retried")
                 await wait_until(stop, _PAUSE_AFTER_ERROR_S)
+        if self._held:  # stopping: apply them now rather than leave them to a takeover
+            held, self._held = self._held, []
+            try:
+                await self.handle(held)
+            except Exception as exc:  # they stay pending; a peer or the next run takes them over
+                log.warning("could not apply %d events before stopping: %s", len(held), exc)
+
+    def _in_time(self, read: list[Entry]) -> list[Entry]:
+        """What to apply now of a read and of the entries held back from earlier ones.
+
+        Each message type has its own stream, and a backlog drains each at its own pace:
+        a read may bring a workflow's ShipmentFailed while its PaymentCaptured still waits
+        deep in another stream.  Applied as read, the workflow would be compensated and
+        then reopened by its own earlier events.  So entries past the reader's horizon
+        (older entries may still be unread) wait for a later read: a merge of the streams
+        by time.  Not more than a few batches wait, however far one stream lags.
+        """
+        held = self._held + read
+        horizon = self.reader.horizon
+        if horizon is None or len(held) > HOLD_LIMIT * self.reader.count:
+            self._held = []
+            return held
+        self._held = [entry for entry in held if entry_order(entry.id) > horizon]
+        return [entry for entry in held if entry_order(entry.id) <= horizon]
 
     async def handle(self, entries: list[Entry]) -> None:
         """Apply a batch of entries (in stream order per workflow)."""

@@ -177,6 +177,10 @@ class GroupReader:
         # traffic keeps its spread), and never for more than READ_BOUND times `count` in all.
         self._busy_streams = len(self.streams)
         self._scans = 0
+        self.horizon: tuple[int, int] | None = None
+        """After a read: the position (:func:`entry_order`) up to which every stream was read
+        completely — the lowest last id of the streams that gave a full COUNT and may hold
+        more; None when none did.  Entries past it may have older ones still unread."""
 
     async def ensure_groups(self) -> None:
         """Create the group on every stream (see :func:`create_groups`)."""
@@ -185,12 +189,14 @@ class GroupReader:
     async def read(self, block_ms: int | None = None) -> list[Entry]:
         """New entries for this consumer (blocks up to ``block_ms`` when there are none)."""
         block = self.block_ms if block_ms is None else block_ms
+        asked = self.per_stream
+        self.horizon = None
         try:
             reply: Any = await self.redis.xreadgroup(
                 self.group,
                 self.consumer,
                 {stream: ">" for stream in self.streams},
-                count=self.per_stream,
+                count=asked,
                 block=block or None,
             )
         except ResponseError as exc:
@@ -201,6 +207,8 @@ class GroupReader:
             return []
         if reply:
             self._busy_streams = len(reply)
+        full = [entry_order(entries[-1][0]) for _, entries in reply or [] if len(entries) >= asked]
+        self.horizon = min(full) if full else None
         return [
             Entry(text(stream), text(entry_id), fields or {})
             for stream, entries in reply or []

@@ -533,3 +533,20 @@ async def _is_set(event: asyncio.Event) -> bool:
 
 async def _failures(caplog: pytest.LogCaptureFixture) -> int:
     return sum("failed: " in r.getMessage() for r in caplog.records if r.name == "controller.correlator")
+
+
+async def test_a_backlog_is_applied_in_time_order_across_streams(redis: Redis) -> None:
+    store = WorkflowStore(redis, P)
+    # a backlog of payments, and one workflow whose inventory answer came after its payment
+    instances = [await start_order(store) for _ in range(24)]
+    for instance in instances:
+        await emit(store, envelope(instance, "PaymentCaptured"))
+    late = instances[-1]
+    await emit(store, envelope(late, "InventoryReserved"))
+
+    # small batches: the PaymentCaptured streams take several reads, InventoryReserved one
+    worker = Correlator(redis, store, Definitions(), "c-1", batch=4, block_ms=20, policy=FAST)
+    async with correlating(worker):
+        await eventually(lambda: counter(worker, "applied"), lambda n: n == 25, what="every event applied")
+
+    assert [h.type for h in await store.history(late.id)] == ["OrderSubmitted", "PaymentCaptured", "InventoryReserved"]
