@@ -286,6 +286,7 @@ class GroupReader:
             return [], []
         retry: list[Entry] = []
         exhausted_entries: list[Entry] = []
+        missing: list[tuple[str, str]] = []
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, picked in chosen.items():
                 pipe.xclaim(stream, self.group, self.consumer, floor, [entry_id for entry_id, _ in picked])
@@ -295,18 +296,35 @@ class GroupReader:
                 log.warning("cannot claim from %s: %s", stream, entries)
                 continue
             # an entry missing from the reply was claimed by a peer meanwhile (its idle time
-            # no longer passes `floor`), or was deleted, which Redis 7 drops from the pending
-            # list itself: either way not this consumer's to settle (acking it could lose it)
+            # no longer passes `floor`), or was deleted (Redis 7 drops it from the pending list
+            # itself; 6.2 answers nil and keeps it pending): only a deleted one is acked below,
+            # as acking one a peer holds could lose it
             found = {text(entry_id): fields for entry_id, fields in entries if entry_id is not None and fields}
             for entry_id, previous in picked:
                 fields = found.get(entry_id)
                 if fields is None:
-                    continue
-                if previous >= self.policy.max_deliveries:
+                    missing.append((stream, entry_id))
+                elif previous >= self.policy.max_deliveries:
                     exhausted_entries.append(Entry(stream, entry_id, fields, previous))
                 else:
                     retry.append(Entry(stream, entry_id, fields, previous + 1))
+        if missing:
+            await self._ack_deleted(missing)
         return retry, exhausted_entries
+
+    async def _ack_deleted(self, missing: list[tuple[str, str]]) -> None:
+        """Ack the entries that no longer exist in their stream (a deletion is for good, so
+        this cannot race with a peer): on Redis 6.2 they would stay pending for ever."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, entry_id in missing:
+                pipe.xrange(stream, entry_id, entry_id)
+            exists = await pipe.execute(raise_on_error=False)
+        gone = [key for key, found in zip(missing, exists, strict=True) if found == []]
+        if gone:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, entry_id in gone:
+                    pipe.xack(stream, self.group, entry_id)
+                await pipe.execute(raise_on_error=False)
 
     async def dead_letter(self, entries: list[tuple[Entry, str]]) -> None:
         """Dead-letter each (entry, reason) and ack it."""

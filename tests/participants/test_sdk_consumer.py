@@ -109,9 +109,9 @@ async def test_a_read_over_many_busy_streams_takes_about_a_batch_not_a_batch_per
     sizes = [len(await alone.read(block_ms=100)) for _ in range(3)]
     bound = READ_BOUND * 40 // 17
     assert sizes == [2, bound, bound]  # the first read still assumes every stream busy
-    for stream in streams:
-        await redis.xadd(stream, {"n": "burst"})
-        await redis.xadd(stream, {"n": "burst"})
+    for stream in streams:  # a burst everywhere: 40 each would be 640 at once
+        for n in range(40):
+            await redis.xadd(stream, {"n": f"burst-{n}"})
     assert len(await alone.read(block_ms=100)) <= READ_BOUND * 40
 
 
@@ -152,7 +152,8 @@ async def test_entries_whose_claim_reply_was_lost_stay_pending_for_the_next_scan
     async with RedisProxy(redis_url) as proxy:
         client = connect(proxy.url)
         try:
-            live = GroupReader(client, "g", "live", [STREAM], policy=RetryPolicy(base_ms=50, claim_idle_ms=5_000))
+            policy = RetryPolicy(base_ms=1_000, claim_idle_ms=5_000)  # the check below comes well within the backoff
+            live = GroupReader(client, "g", "live", [STREAM], policy=policy)
             proxy.drop_reply(b"XCLAIM", once=True)
             # the claim lands but its reply is lost; the retry finds them no longer idle
             assert await live.pending() == ([], [])
@@ -164,3 +165,19 @@ async def test_entries_whose_claim_reply_was_lost_stay_pending_for_the_next_scan
         finally:
             await client.aclose()
     assert sorted(entry.id for entry in retry) == sorted(ids)
+
+
+async def test_a_pending_entry_deleted_from_its_stream_is_acked_not_claimed_for_ever(redis: Redis) -> None:
+    dead = GroupReader(redis, "g", "dead", [STREAM])
+    await dead.ensure_groups()
+    kept, deleted = await redis.xadd(STREAM, {"n": "kept"}), await redis.xadd(STREAM, {"n": "deleted"})
+    assert len(await dead.read(block_ms=100)) == 2
+    await redis.xdel(STREAM, deleted)
+    ids: list[Any] = [kept, deleted]
+    await redis.xclaim(STREAM, "g", "dead", 0, ids, idle=60_000, justid=True)
+
+    live = GroupReader(redis, "g", "live", [STREAM], policy=RetryPolicy(claim_idle_ms=5_000))
+    retry, exhausted = await live.pending()
+
+    assert ([entry.id for entry in retry], exhausted) == ([text(kept)], [])
+    assert set(await pending_rows(redis)) == {text(kept)}  # the deleted one no longer pending
