@@ -93,12 +93,8 @@ class _HttpError(ApiError):
 async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every error as an RFC 9457 problem document — the only place errors become HTTP."""
     headers: dict[str, str] = {}
-    outage = request.app[REDIS_OUTAGE]
     try:
-        response = await handler(request)
-        if outage.failing and response.status < 500 and request.path.startswith(("/v1/", "/readyz")):
-            outage.recovered()  # the API's requests reach Redis again
-        return response
+        return await handler(request)
     except ApiError as exc:
         error = exc
     except web.HTTPRequestEntityTooLarge:
@@ -113,7 +109,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
             raise
         error = _HttpError(exc)
     except RedisError as exc:
-        outage.failed(exc)  # logged once, then every 30 s while it lasts: not a line per request
+        request.app[REDIS_OUTAGE].failed(exc)  # logged once, then every 30 s while it lasts
         error = Unavailable(f"Redis did not answer: {exc}")
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
@@ -232,6 +228,7 @@ async def _start(request: web.Request, definition: WorkflowDefinition, payload: 
         request.app[REDIS_OUTAGE].failed(exc.cause)
         log.debug("%s %s: workflow %s may or may not have started", request.method, request.path, exc.workflow_id)
         raise StartOutcomeUnknown(exc.workflow_id, _links(exc.workflow_id)["self"], str(exc.cause)) from None
+    request.app[REDIS_OUTAGE].recovered()  # a start went through: Redis answers again
     log.info(
         "%s %s workflow %s",
         "started" if created else "replayed",
@@ -627,17 +624,20 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     """Ready when Redis answers PING and the correlator's consumer groups are prepared."""
-    checks = {"redis": await _pings(request.app[REDIS]), "correlator": request.app[CORRELATOR_READY].is_set()}
+    redis_ok = await _pings(request.app[REDIS], request.app[REDIS_OUTAGE])
+    checks = {"redis": redis_ok, "correlator": request.app[CORRELATOR_READY].is_set()}
     if not all(checks.values()):
         failing = ", ".join(name for name, ok in checks.items() if not ok)
         raise Unavailable(f"not ready: {failing}", checks=checks)
     return _json({"status": "ready", "checks": checks})
 
 
-async def _pings(redis: Redis) -> bool:
+async def _pings(redis: Redis, outage: Outage) -> bool:
     try:
         async with asyncio.timeout(PING_TIMEOUT_S):
-            return bool(await redis.ping())
+            answered = bool(await redis.ping())
     except (RedisError, OSError, TimeoutError) as exc:
-        log.debug("readiness: Redis PING failed: %s", exc)  # the API's outage log tells it once
+        outage.failed(exc)
         return False
+    outage.recovered()
+    return answered

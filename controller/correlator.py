@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contracts import naming
@@ -104,6 +105,7 @@ class Correlator:
         if ready is not None:
             ready.set()
         outage = Outage(log, "correlator (reading and committing events)")
+        refused = Outage(log, "correlator (Redis refusing its commands)")
         next_pending = 0.0
         while not stop.is_set():
             try:
@@ -121,11 +123,12 @@ class Correlator:
                         await self.handle(retry)
                 # with entries held back, the next read must not wait for news to release them
                 entries = self._in_time(await self.reader.read(block_ms=0 if self._held else None))
+                outage.recovered()  # Redis answers again
+                if ready is not None:
+                    ready.set()  # /readyz follows
                 if entries:
                     await self.handle(entries)
-                outage.recovered()  # a round went through
-                if ready is not None:
-                    ready.set()  # again, after an outage: /readyz follows
+                refused.recovered()  # a round went through
             except asyncio.CancelledError:
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -134,9 +137,13 @@ class Correlator:
                     ready.clear()
                 outage.failed(exc)
                 await wait_until(stop, _PAUSE_AFTER_ERROR_S)
+            except ResponseError as exc:
+                # Redis answers but refuses (out of memory under noeviction, READONLY, a script
+                # error): still reachable, so still ready; the entries stay pending and are retried
+                refused.failed(exc)
+                await wait_until(stop, _PAUSE_AFTER_ERROR_S)
             except Exception:
-                # a bug, or Redis refusing (out of memory, a script error): the entries stay
-                # pending and are retried by `pending()`; back off briefly
+                # a bug: the entries stay pending and are retried by `pending()`; back off briefly
                 log.exception("correlator batch failed; its entries will be retried")
                 await wait_until(stop, _PAUSE_AFTER_ERROR_S)
         if self._held:  # stopping: apply them now rather than leave them to a takeover

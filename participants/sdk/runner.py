@@ -607,16 +607,17 @@ class Runner:
         outage = Outage(log, f"{self.heartbeat_field} pending scan")
         while not halt.is_set():
             try:
-                await self._maintain(stop)
-                outage.recovered()
+                if await self._maintain(stop):
+                    outage.recovered()
             except RedisError as error:
                 outage.failed(error)
             await wait_until(halt, self.settings.pending_interval_s)
 
-    async def _maintain(self, stop: asyncio.Event) -> None:
+    async def _maintain(self, stop: asyncio.Event) -> bool:
+        """Hold, release, scan; whether the scan ran (when stopping, only the first two do)."""
         await self._hold_and_release()
         if stop.is_set():
-            return
+            return False
         self._settled_in_scan = set()
         try:
             room = max(0, self.settings.concurrency - self._running)  # retries wait for handler slots, as reads do
@@ -645,6 +646,7 @@ class Runner:
                 self._last_error.pop((entry.stream, entry.id), None)
         if retry and not stop.is_set():
             self._spawn(retry)  # when stopping, they stay pending for a peer
+        return True
 
     async def _hold_and_release(self) -> None:
         """Refresh the idle time of the entries this consumer still holds, and
