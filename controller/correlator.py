@@ -161,7 +161,9 @@ class Correlator:
         deep in another stream.  Applied as read, the workflow would be compensated and
         then reopened by its own earlier events.  So entries past the reader's horizon
         (older entries may still be unread) wait for a later read: a merge of the streams
-        by time.  Not more than a few batches wait, however far one stream lags.
+        by time.  Not more than a few batches wait, however far one stream lags.  Ids order
+        entries of different streams only to the millisecond: within the horizon's
+        millisecond, events may still be applied out of order.
         """
         held = self._held + read
         horizon = self.reader.horizon
