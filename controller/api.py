@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 
 from contracts import naming
 from contracts.definitions import ORDER_SAGA, WorkflowDefinition
@@ -66,7 +66,9 @@ STORE = web.AppKey("store", WorkflowStore)
 DEFINITIONS = web.AppKey("definitions", Definitions)
 CONTRACTS = web.AppKey("contracts", bytes)  # the JSON Schemas, serialised once
 CORRELATOR_READY = web.AppKey("correlator_ready", asyncio.Event)  # set while the correlator's groups exist and it runs
-REDIS_OUTAGE = web.AppKey("redis_outage", Outage)  # the API's requests failing on Redis, logged without a flood
+# the API's requests failing on Redis, logged without a flood: unreachable, or refusing writes
+REDIS_OUTAGE = web.AppKey("redis_outage", Outage)
+REDIS_REFUSING = web.AppKey("redis_refusing", Outage)
 PROGRESS = web.AppKey("progress", ProgressHub)  # the live progress feeds' one reader; .clients counts them
 
 _IDEMPOTENCY_KEY = re.compile(openapi.IDEMPOTENCY_KEY_PATTERN)
@@ -109,7 +111,8 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
             raise
         error = _HttpError(exc)
     except RedisError as exc:
-        request.app[REDIS_OUTAGE].failed(exc)  # logged once, then every 30 s while it lasts
+        refused = isinstance(exc, (OutOfMemoryError, ReadOnlyError))  # reachable, but refusing writes
+        request.app[REDIS_REFUSING if refused else REDIS_OUTAGE].failed(exc)  # once, then every 30 s
         error = Unavailable(f"Redis did not answer: {exc}")
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
@@ -196,6 +199,7 @@ def _detail(instance: Instance) -> dict[str, Any]:
 async def _load(request: web.Request) -> Instance:
     workflow_id = request.match_info["id"]
     instance = await request.app[STORE].load(workflow_id)
+    request.app[REDIS_OUTAGE].recovered()  # Redis answered
     if instance is None:
         raise WorkflowNotFound(workflow_id)
     return instance
@@ -228,7 +232,8 @@ async def _start(request: web.Request, definition: WorkflowDefinition, payload: 
         request.app[REDIS_OUTAGE].failed(exc.cause)
         log.debug("%s %s: workflow %s may or may not have started", request.method, request.path, exc.workflow_id)
         raise StartOutcomeUnknown(exc.workflow_id, _links(exc.workflow_id)["self"], str(exc.cause)) from None
-    request.app[REDIS_OUTAGE].recovered()  # a start went through: Redis answers again
+    request.app[REDIS_OUTAGE].recovered()  # a start went through: Redis answers and takes writes
+    request.app[REDIS_REFUSING].recovered()
     log.info(
         "%s %s workflow %s",
         "started" if created else "replayed",

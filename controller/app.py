@@ -55,6 +55,7 @@ def create_app(settings: ControllerSettings) -> web.Application:
     app[api.CONTRACTS] = orjson.dumps(schemas())
     app[api.CORRELATOR_READY] = asyncio.Event()
     app[api.REDIS_OUTAGE] = Outage(logging.getLogger(api.__name__), "the API's Redis requests")
+    app[api.REDIS_REFUSING] = Outage(logging.getLogger(api.__name__), "the API's Redis writes (refused)")
     app[metrics.METRICS] = metrics.ControllerMetrics(app[api.DEFINITIONS])
     app.add_routes(api.routes)
     app.add_routes(metrics.routes)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contracts import naming
@@ -123,12 +123,12 @@ class Correlator:
                         await self.handle(retry)
                 # with entries held back, the next read must not wait for news to release them
                 entries = self._in_time(await self.reader.read(block_ms=0 if self._held else None))
-                outage.recovered()  # Redis answers again
-                if ready is not None:
-                    ready.set()  # /readyz follows
                 if entries:
                     await self.handle(entries)
-                refused.recovered()  # a round went through
+                outage.recovered()  # a round went through
+                refused.recovered()
+                if ready is not None:
+                    ready.set()  # /readyz follows
             except asyncio.CancelledError:
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -137,10 +137,13 @@ class Correlator:
                     ready.clear()
                 outage.failed(exc)
                 await wait_until(stop, _PAUSE_AFTER_ERROR_S)
-            except ResponseError as exc:
-                # Redis answers but refuses (out of memory under noeviction, READONLY, a script
-                # error): still reachable, so still ready; the entries stay pending and are retried
+            except (OutOfMemoryError, ReadOnlyError) as exc:
+                # Redis answers but refuses writes (out of memory under noeviction, a replica):
+                # reachable, so ready; the entries stay pending and are retried
+                outage.recovered()
                 refused.failed(exc)
+                if ready is not None:
+                    ready.set()
                 await wait_until(stop, _PAUSE_AFTER_ERROR_S)
             except Exception:
                 # a bug: the entries stay pending and are retried by `pending()`; back off briefly

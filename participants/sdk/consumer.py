@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from contracts import naming
 from contracts.envelope import DecodeError, Envelope, decode
@@ -315,16 +315,19 @@ class GroupReader:
     async def _ack_deleted(self, missing: list[tuple[str, str]]) -> None:
         """Ack the entries that no longer exist in their stream (a deletion is for good, so
         this cannot race with a peer): on Redis 6.2 they would stay pending for ever."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, entry_id in missing:
-                pipe.xrange(stream, entry_id, entry_id)
-            exists = await pipe.execute(raise_on_error=False)
-        gone = [key for key, found in zip(missing, exists, strict=True) if found == []]
-        if gone:
+        try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for stream, entry_id in gone:
-                    pipe.xack(stream, self.group, entry_id)
-                await pipe.execute(raise_on_error=False)
+                for stream, entry_id in missing:
+                    pipe.xrange(stream, entry_id, entry_id)
+                exists = await pipe.execute(raise_on_error=False)
+            gone = [key for key, found in zip(missing, exists, strict=True) if found == []]
+            if gone:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for stream, entry_id in gone:
+                        pipe.xack(stream, self.group, entry_id)
+                    await pipe.execute(raise_on_error=False)
+        except RedisError as exc:  # the next scan tries again; the entries claimed meanwhile stand
+            log.warning("cannot check %d pending entries missing from their claim: %s", len(missing), exc)
 
     async def dead_letter(self, entries: list[tuple[Entry, str]]) -> None:
         """Dead-letter each (entry, reason) and ack it."""

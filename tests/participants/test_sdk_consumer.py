@@ -3,11 +3,13 @@ try, and what it leaves alone."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from redis.asyncio import Redis
 
 from contracts import naming
+from controller.embedded_redis import EmbeddedRedis, bundled_server
 from participants.sdk.connection import connect, text
 from participants.sdk.consumer import READ_BOUND, GroupReader, RetryPolicy
 from tests.conftest import eventually
@@ -168,6 +170,19 @@ async def test_entries_whose_claim_reply_was_lost_stay_pending_for_the_next_scan
 
 
 async def test_a_pending_entry_deleted_from_its_stream_is_acked_not_claimed_for_ever(redis: Redis) -> None:
+    # Redis 7 drops a deleted entry from the pending list when it is claimed; 6.2, which the
+    # embedded fallback bundles, keeps it and answers nil: run this against the bundled one
+    bundled = bundled_server()
+    with EmbeddedRedis(binary=bundled) if bundled else contextlib.nullcontext() as server:
+        client = connect(server.url) if server is not None else redis
+        try:
+            await _deleted_entry_is_acked(client)
+        finally:
+            if server is not None:
+                await client.aclose()
+
+
+async def _deleted_entry_is_acked(redis: Redis) -> None:
     dead = GroupReader(redis, "g", "dead", [STREAM])
     await dead.ensure_groups()
     kept, deleted = await redis.xadd(STREAM, {"n": "kept"}), await redis.xadd(STREAM, {"n": "deleted"})
