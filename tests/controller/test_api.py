@@ -146,7 +146,17 @@ def settings(redis_url: str, **changes: Any) -> ControllerSettings:
 
 @pytest.fixture
 async def api(serve: ApiFactory, redis_url: str) -> Api:
-    client = await serve(settings(redis_url))
+    return await ready(await serve(settings(redis_url)))
+
+
+@pytest.fixture
+async def proxied(serve: ApiFactory, redis_url: str) -> AsyncIterator[tuple[Api, RedisProxy]]:
+    """The app, ready, reaching the test's Redis through a proxy that can fail (tests/faults.py)."""
+    async with RedisProxy(redis_url) as proxy:
+        yield await ready(await serve(settings(proxy.url))), proxy
+
+
+async def ready(client: Api) -> Api:
     await eventually(lambda: client.call("GET", "/readyz"), lambda r: r.status == 200, what="readiness")
     return client
 
@@ -460,7 +470,7 @@ async def test_a_loaded_definition_starts_with_any_object_and_is_correlated(
     path = tmp_path / "definitions.json"
     path.write_bytes(orjson.dumps([GREETING.model_dump(mode="json")]))
     api = await serve(settings(redis_url, definitions_path=path))
-    await eventually(lambda: api.call("GET", "/readyz"), lambda r: r.status == 200, what="readiness")
+    await ready(api)
 
     reply = await api.call("POST", "/v1/workflows/greeting", json={"to": "world"})
     assert reply.status == 202, reply.body
@@ -547,60 +557,54 @@ async def test_readyz_is_503_while_redis_does_not_answer(serve: ApiFactory) -> N
 
 
 async def test_a_start_whose_commit_reply_is_lost_is_503_with_the_workflow_id_it_may_have(
-    serve: ApiFactory, redis_url: str
+    proxied: tuple[Api, RedisProxy],
 ) -> None:
-    async with RedisProxy(redis_url) as proxy:
-        api = await serve(settings(proxy.url))
-        await eventually(lambda: api.call("GET", "/readyz"), lambda r: r.status == 200, what="readiness")
-        await api.start_order()  # the commit script is loaded: the next start runs it at once
-        proxy.drop_reply(b"EVALSHA")  # the retry's reply too
-        reply = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "lost-reply"})
-        proxy.drop_reply(None)
+    api, proxy = proxied
+    await api.start_order()  # the commit script is loaded: the next start runs it at once
+    proxy.drop_reply(b"EVALSHA")  # the retry's reply too
+    reply = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "lost-reply"})
+    proxy.drop_reply(None)
 
-        assert_problem(reply, 503, None)
-        assert reply.body["type"].endswith(":start-outcome-unknown")
-        workflow_id = reply.body["workflow_id"]
-        assert reply.headers["Location"] == f"/v1/workflows/{workflow_id}"
-        assert proxy.dropped >= 1
-        # it did start: the client finds it where the 503 said, and a retry with the key returns it
-        assert (await api.workflow(workflow_id))["status"] == "running"
-        again = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "lost-reply"})
-        assert (again.status, again.body["workflow_id"]) == (202, workflow_id)
-        assert again.headers["Idempotent-Replayed"] == "true"
+    assert_problem(reply, 503, None)
+    assert reply.body["type"].endswith(":start-outcome-unknown")
+    workflow_id = reply.body["workflow_id"]
+    assert reply.headers["Location"] == f"/v1/workflows/{workflow_id}"
+    assert proxy.dropped >= 1
+    # it did start: the client finds it where the 503 said, and a retry with the key returns it
+    assert (await api.workflow(workflow_id))["status"] == "running"
+    again = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "lost-reply"})
+    assert (again.status, again.body["workflow_id"]) == (202, workflow_id)
+    assert again.headers["Idempotent-Replayed"] == "true"
 
 
 async def test_a_start_whose_first_reply_is_lost_is_retried_once_and_started_once(
-    serve: ApiFactory, redis_url: str
+    proxied: tuple[Api, RedisProxy],
 ) -> None:
-    async with RedisProxy(redis_url) as proxy:
-        api = await serve(settings(proxy.url))
-        await eventually(lambda: api.call("GET", "/readyz"), lambda r: r.status == 200, what="readiness")
-        await api.start_order()  # the commit script is loaded: the next start runs it at once
-        proxy.drop_reply(b"EVALSHA", once=True)
-        reply = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "one-lost-reply"})
+    api, proxy = proxied
+    await api.start_order()  # the commit script is loaded: the next start runs it at once
+    proxy.drop_reply(b"EVALSHA", once=True)
+    reply = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "one-lost-reply"})
 
-        assert proxy.dropped == 1
-        # the retry found the start already made: the same workflow, answered as a replay
-        assert reply.status == 202, reply.body
-        assert reply.headers["Idempotent-Replayed"] == "true"
-        assert (await api.workflow(reply.body["workflow_id"]))["status"] == "running"
+    assert proxy.dropped == 1
+    # the retry found the start already made: the same workflow, answered as a replay
+    assert reply.status == 202, reply.body
+    assert reply.headers["Idempotent-Replayed"] == "true"
+    assert (await api.workflow(reply.body["workflow_id"]))["status"] == "running"
 
 
 async def test_an_outage_is_503_for_every_request_and_one_warning_in_the_log(
-    serve: ApiFactory, redis_url: str, caplog: pytest.LogCaptureFixture
+    proxied: tuple[Api, RedisProxy], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="controller.api")
-    async with RedisProxy(redis_url) as proxy:
-        api = await serve(settings(proxy.url))
-        await eventually(lambda: api.call("GET", "/readyz"), lambda r: r.status == 200, what="readiness")
-        proxy.go_down()
-        replies = [await api.call("GET", "/v1/workflows") for _ in range(10)]
-        replies += [await api.call("POST", "/v1/orders", json=ORDER) for _ in range(10)]
-        assert {reply.status for reply in replies} == {503}
-        assert (await api.call("GET", "/v1/contracts")).status == 200  # needs no Redis: says nothing of it
-        proxy.come_back()
-        assert (await api.call("GET", "/v1/workflows")).status == 200
-        await eventually(lambda: api.call("GET", "/readyz"), lambda r: r.status == 200, what="ready again")
+    api, proxy = proxied
+    proxy.go_down()
+    replies = [await api.call("GET", "/v1/workflows") for _ in range(10)]
+    replies += [await api.call("POST", "/v1/orders", json=ORDER) for _ in range(10)]
+    assert {reply.status for reply in replies} == {503}
+    assert (await api.call("GET", "/v1/contracts")).status == 200  # needs no Redis: says nothing of it
+    proxy.come_back()
+    assert (await api.call("GET", "/v1/workflows")).status == 200
+    await eventually(lambda: api.call("GET", "/readyz"), lambda r: r.status == 200, what="ready again")
 
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "controller.api"]
     outage = [line for line in lines if "the API's Redis requests" in line[1]]

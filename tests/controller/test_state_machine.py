@@ -89,6 +89,19 @@ class Saga:
         return {s.name: s.status for s in self.instance.steps}
 
 
+def refund_given_up() -> Saga:
+    """A saga whose payment refund failed all 5 attempts: it needs attention."""
+    saga = Saga()
+    saga.event("PaymentCaptured")
+    saga.event("InventoryUnavailable", {"reason": "short"})
+    for _ in range(4):
+        saga.event("RefundFailed", {"reason": "card expired"})
+        saga.fire("comp:payment")
+    saga.event("RefundFailed", {"reason": "card expired"})
+    assert saga.status() is WorkflowStatus.NEEDS_ATTENTION
+    return saga
+
+
 def test_start_publishes_the_start_event_and_runs_the_first_step() -> None:
     saga = Saga()
     assert saga.sent == ["OrderSubmitted"]
@@ -263,14 +276,7 @@ def test_a_late_completion_says_what_becomes_of_it() -> None:
         "notification completed while the workflow was completed; recorded; the workflow stays as it is"
     )
     # a workflow waiting for an operator: the late step is undone once the operator retries
-    saga = Saga()
-    saga.event("PaymentCaptured")
-    saga.event("InventoryUnavailable", {"reason": "short"})
-    for _ in range(4):
-        saga.event("RefundFailed", {"reason": "card expired"})
-        saga.fire("comp:payment")
-    saga.event("RefundFailed", {"reason": "card expired"})
-    assert saga.status() is WorkflowStatus.NEEDS_ATTENTION
+    saga = refund_given_up()
     saga.event("ShipmentScheduled")
     assert saga.history[-1].detail == (
         "shipping completed while the workflow was needs_attention; "
@@ -303,14 +309,7 @@ def test_a_failed_compensation_is_retried_then_needs_attention() -> None:
 
 
 def test_retry_by_an_operator_resumes_a_compensation_that_gave_up() -> None:
-    saga = Saga()
-    saga.event("PaymentCaptured")
-    saga.event("InventoryUnavailable", {"reason": "short"})
-    for _ in range(4):
-        saga.event("RefundFailed", {"reason": "card expired"})
-        saga.fire("comp:payment")
-    saga.event("RefundFailed", {"reason": "card expired"})
-    assert saga.status() is WorkflowStatus.NEEDS_ATTENTION
+    saga = refund_given_up()
     with pytest.raises(state_machine.NotAllowed):
         state_machine.check_operator_request(saga.instance, CANCEL_REQUESTED)
     saga.event(RETRY_REQUESTED, {"by": "ops@example.com", "reason": "card updated"})
