@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
+from redis.exceptions import RedisError
 
 from contracts import naming
 from contracts.definitions import ORDER_SAGA, WorkflowDefinition
@@ -50,6 +50,7 @@ from controller.settings import ControllerSettings
 from controller.state_machine import NotAllowed, effective_sla
 from controller.store import IdempotencyConflict, StartUncertain, WorkflowStore
 from participants.sdk import tracing
+from participants.sdk.connection import REFUSING_WRITES
 from participants.sdk.logs import Outage
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
             raise
         error = _HttpError(exc)
     except RedisError as exc:
-        refused = isinstance(exc, (OutOfMemoryError, ReadOnlyError))  # reachable, but refusing writes
+        refused = isinstance(exc, REFUSING_WRITES)
         request.app[REDIS_REFUSING if refused else REDIS_OUTAGE].failed(exc)  # once, then every 30 s
         error = Unavailable(f"Redis did not answer: {exc}")
     except Exception:
@@ -230,7 +231,6 @@ async def _start(request: web.Request, definition: WorkflowDefinition, payload: 
         raise IdempotencyKeyReused(exc.key) from None
     except StartUncertain as exc:
         request.app[REDIS_OUTAGE].failed(exc.cause)
-        log.debug("%s %s: workflow %s may or may not have started", request.method, request.path, exc.workflow_id)
         raise StartOutcomeUnknown(exc.workflow_id, _links(exc.workflow_id)["self"], str(exc.cause)) from None
     request.app[REDIS_OUTAGE].recovered()  # a start went through: Redis answers and takes writes
     request.app[REDIS_REFUSING].recovered()

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from controller.dead_letters import DeadLetter
+    from participants.ledger import Ledger
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -505,21 +506,25 @@ def _contracts_parser(sub: Any) -> None:
 # --- ledger ------------------------------------------------------------------------
 
 
-def _ledger(args: argparse.Namespace) -> int:
+async def read_settled_ledger(redis_url: str, partitions: int, name: str) -> Ledger:
+    """The example workers' ledger, each order beside its workflow's status (see ``Ledger.settle``)."""
     from controller.store import WorkflowStore
-    from participants.ledger import Ledger, format_ledger, read_ledger
+    from participants.ledger import read_ledger
     from participants.sdk.connection import connect
 
-    async def read() -> Ledger:
-        redis = connect(args.redis_url, name="streamsaga-ledger")
-        try:
-            ledger = await read_ledger(redis)
-            ledger.settle(await WorkflowStore(redis, args.partitions).statuses(o.workflow_id for o in ledger.orders))
-            return ledger
-        finally:
-            await redis.aclose()
+    redis = connect(redis_url, name=name)
+    try:
+        ledger = await read_ledger(redis)
+        ledger.settle(await WorkflowStore(redis, partitions).statuses(o.workflow_id for o in ledger.orders))
+        return ledger
+    finally:
+        await redis.aclose()
 
-    ledger = asyncio.run(read())
+
+def _ledger(args: argparse.Namespace) -> int:
+    from participants.ledger import format_ledger
+
+    ledger = asyncio.run(read_settled_ledger(args.redis_url, args.partitions, "streamsaga-ledger"))
     if args.json:
         shown = {
             **ledger.model_dump(mode="json"),

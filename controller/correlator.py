@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contracts import naming
@@ -32,6 +31,7 @@ from controller.instance import Instance, WorkflowStatus
 from controller.store import WorkflowStore
 from participants.sdk import tracing
 from participants.sdk.commit import Commit, Outcome
+from participants.sdk.connection import REFUSING_WRITES
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, decode_entry, entry_order
 from participants.sdk.logs import Outage
 from participants.sdk.metrics import DeadLetterReason, dead_letter_reason
@@ -102,8 +102,9 @@ class Correlator:
         """Create the consumer groups, set ``ready``, then read and apply until ``stop``
         is set; a failing batch is retried later, never lost."""
         await self.prepare()
-        if ready is not None:
-            ready.set()
+        if ready is None:
+            ready = asyncio.Event()  # nobody asks: set and cleared all the same
+        ready.set()
         outage = Outage(log, "correlator (reading and committing events)")
         refused = Outage(log, "correlator (Redis refusing its commands)")
         next_pending = 0.0
@@ -127,23 +128,20 @@ class Correlator:
                     await self.handle(entries)
                 outage.recovered()  # a round went through
                 refused.recovered()
-                if ready is not None:
-                    ready.set()  # /readyz follows
+                ready.set()  # /readyz follows
             except asyncio.CancelledError:
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 # Redis cannot be reached: not ready; the entries stay pending and are retried
-                if ready is not None:
-                    ready.clear()
+                ready.clear()
                 outage.failed(exc)
                 await wait_until(stop, _PAUSE_AFTER_ERROR_S)
-            except (OutOfMemoryError, ReadOnlyError) as exc:
+            except REFUSING_WRITES as exc:
                 # Redis answers but refuses writes (out of memory under noeviction, a replica):
                 # reachable, so ready; the entries stay pending and are retried
                 outage.recovered()
                 refused.failed(exc)
-                if ready is not None:
-                    ready.set()
+                ready.set()
                 await wait_until(stop, _PAUSE_AFTER_ERROR_S)
             except Exception:
                 # a bug: the entries stay pending and are retried by `pending()`; back off briefly
@@ -168,13 +166,17 @@ class Correlator:
         entries of different streams only to the millisecond: within the horizon's
         millisecond, events may still be applied out of order.
         """
-        held = self._held + read
         horizon = self.reader.horizon
+        if not self._held and horizon is None:
+            return read
+        held = self._held + read
+        self._held = []
         if horizon is None or len(held) > HOLD_LIMIT * self.reader.count:
-            self._held = []
             return held
-        self._held = [entry for entry in held if entry_order(entry.id) > horizon]
-        return [entry for entry in held if entry_order(entry.id) <= horizon]
+        due: list[Entry] = []
+        for entry in held:
+            (self._held if entry_order(entry.id) > horizon else due).append(entry)
+        return due
 
     async def handle(self, entries: list[Entry]) -> None:
         """Apply a batch of entries (in stream order per workflow)."""

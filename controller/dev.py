@@ -274,16 +274,10 @@ async def _watch(
 
 
 async def _print_ledger(redis_url: str, partitions: int) -> None:
-    from controller.store import WorkflowStore
-    from participants.ledger import format_ledger, read_ledger
-    from participants.sdk.connection import connect
+    from controller.cli import read_settled_ledger
+    from participants.ledger import format_ledger
 
-    redis = connect(redis_url, name="streamsaga-dev")
-    try:
-        ledger = await read_ledger(redis)
-        ledger.settle(await WorkflowStore(redis, partitions).statuses(o.workflow_id for o in ledger.orders))
-    finally:
-        await redis.aclose()
+    ledger = await read_settled_ledger(redis_url, partitions, "streamsaga-dev")
     say("\nledger:")
     say(format_ledger(ledger))
 

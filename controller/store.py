@@ -223,12 +223,11 @@ class WorkflowStore:
         the collector and the allocator more than a read from Redis saves.
         """
         after = result.instance
-        if after.status not in TERMINAL and before is None:
+        if before is None:
             # a new instance replaces whatever was kept under its id: an Idempotency-Key
             # reused after the workflow expired starts it again at version 1
             self.cache.forget(after.id)
-            self.cache.put(after)
-        elif after.status not in TERMINAL and before is not None and self.cache.holds(before):
+        if after.status not in TERMINAL and (before is None or self.cache.holds(before)):
             self.cache.put(after)
         else:
             self.cache.forget(after.id)

@@ -28,7 +28,7 @@ class WorkerSettings:
     concurrency: int = RunnerSettings.concurrency
     """Handlers in flight at once."""
     batch: int = RunnerSettings.batch
-    """XREADGROUP COUNT."""
+    """Entries per read, shared by the busy streams."""
     max_deliveries: int = RunnerSettings.max_deliveries
     claim_idle_ms: int = RunnerSettings.claim_idle_ms
     """Take over a dead peer's pending entries after this idle time."""

@@ -11,7 +11,7 @@ from redis.asyncio.connection import AbstractConnection, Connection, SSLConnecti
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError
+from redis.exceptions import DataError, OutOfMemoryError, ReadOnlyError
 from redis.typing import EncodableT
 
 # Blocking reads (XREADGROUP BLOCK) must return well before the socket times out,
@@ -21,6 +21,8 @@ MAX_BLOCK_MS = 2_000
 DEFAULT_BLOCK_MS = 1_000
 """How long a reader blocks by default: also how long a stop may wait for its read."""
 MAX_CONNECTIONS = 64
+REFUSING_WRITES = (OutOfMemoryError, ReadOnlyError)
+"""What Redis answers when it is reachable but takes no writes (out of memory under noeviction, a replica)."""
 
 
 class _HiredisPacking(AbstractConnection):
@@ -87,7 +89,6 @@ def connect(url: str, *, name: str | None = None, max_connections: int = MAX_CON
         # letter may be written twice (its entry acked once).  Timeouts are not retried:
         # Redis is slow or gone.
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        retry_on_error=[RedisConnectionError],
         client_name=name,
         decode_responses=False,
     )

@@ -503,13 +503,15 @@ async def test_readiness_follows_redis_outages_and_an_outage_is_logged_once(
         stop, ready = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(worker.run(stop, ready))
         try:
-            await eventually(lambda: _is_set(ready), bool, what="ready")
+            await eventually(lambda: asyncio.sleep(0, ready.is_set()), bool, what="ready")
             proxy.go_down()  # every connection cut, new ones refused
-            await eventually(lambda: _is_set(ready), lambda is_set: not is_set, what="not ready")
-            await eventually(lambda: _failures(caplog), lambda n: n >= 1, what="the outage logged")
-            await eventually(lambda: _refused(proxy), lambda n: n >= 6, what="rounds failing")  # 2 per round
+            await eventually(lambda: asyncio.sleep(0, ready.is_set()), lambda is_set: not is_set, what="not ready")
+            await eventually(lambda: asyncio.sleep(0, _failures(caplog)), lambda n: n >= 1, what="the outage logged")
+            await eventually(
+                lambda: asyncio.sleep(0, proxy.refused), lambda n: n >= 6, what="rounds failing"
+            )  # 2 per round
             proxy.come_back()
-            await eventually(lambda: _is_set(ready), bool, what="ready again")
+            await eventually(lambda: asyncio.sleep(0, ready.is_set()), bool, what="ready again")
             instance = await start_order(WorkflowStore(redis, P))
             await emit(store, envelope(instance, "PaymentCaptured"))
             await eventually(lambda: counter(worker, "applied"), lambda n: n == 1, what="the event applied")
@@ -523,15 +525,7 @@ async def test_readiness_follows_redis_outages_and_an_outage_is_logged_once(
     assert not [r for r in caplog.records if r.exc_info]  # no tracebacks for an outage
 
 
-async def _refused(proxy: RedisProxy) -> int:
-    return proxy.refused
-
-
-async def _is_set(event: asyncio.Event) -> bool:
-    return event.is_set()
-
-
-async def _failures(caplog: pytest.LogCaptureFixture) -> int:
+def _failures(caplog: pytest.LogCaptureFixture) -> int:
     return sum("failed: " in r.getMessage() for r in caplog.records if r.name == "controller.correlator")
 
 
