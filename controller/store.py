@@ -320,7 +320,11 @@ class WorkflowStore:
             outcome = await self._commit_start(self.commit(None, result))
         except (RedisConnectionError, RedisTimeoutError) as exc:  # the reply never came
             raise StartUncertain(workflow_id, exc) from exc
-        if outcome.outcome is Outcome.OK:
+        # without a key the workflow id is new, and so is its start event's: a duplicate is this
+        # start's own script, run again by the connection after its reply was lost — it landed.
+        # With a key, a duplicate may as well be an earlier request's: answered as a replay
+        landed = outcome.outcome is Outcome.OK or (outcome.outcome is Outcome.DUPLICATE and idempotency_key is None)
+        if landed:
             self.committed(None, result)
             return result.instance, True
         existing = await self.load(workflow_id)

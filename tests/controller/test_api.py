@@ -583,13 +583,19 @@ async def test_a_start_whose_first_reply_is_lost_is_retried_once_and_started_onc
     api, proxy = proxied
     await api.start_order()  # the commit script is loaded: the next start runs it at once
     proxy.drop_reply(b"EVALSHA", once=True)
-    reply = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "one-lost-reply"})
+    keyed = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "one-lost-reply"})
+    proxy.drop_reply(b"EVALSHA", once=True)
+    keyless = await api.call("POST", "/v1/orders", json=ORDER)
 
-    assert proxy.dropped == 1
-    # the retry found the start already made: the same workflow, answered as a replay
-    assert reply.status == 202, reply.body
-    assert reply.headers["Idempotent-Replayed"] == "true"
-    assert (await api.workflow(reply.body["workflow_id"]))["status"] == "running"
+    assert proxy.dropped == 2
+    # each retry found the start already made: with a key, that may be an earlier request's
+    # start (answered as a replay); without one, it can only be this request's own
+    assert keyed.status == 202, keyed.body
+    assert keyed.headers["Idempotent-Replayed"] == "true"
+    assert keyless.status == 202, keyless.body
+    assert "Idempotent-Replayed" not in keyless.headers
+    for reply in (keyed, keyless):
+        assert (await api.workflow(reply.body["workflow_id"]))["status"] == "running"
 
 
 async def test_an_outage_is_503_for_every_request_and_one_warning_in_the_log(
