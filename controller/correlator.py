@@ -159,8 +159,9 @@ class Correlator:
 
         Each message type has its own stream, and a backlog drains each at its own pace:
         a read may bring a workflow's ShipmentFailed while its PaymentCaptured still waits
-        deep in another stream.  Applied as read, the workflow would be compensated and
-        then reopened by its own earlier events.  So entries past the reader's horizon
+        deep in another stream.  The state machine copes with that (the failure implies the
+        completions before it, and the compensation waits for them), but the history
+        would list the events out of order.  So entries past the reader's horizon
         (older entries may still be unread) wait for a later read: a merge of the streams
         by time.  Not more than a few batches wait, however far one stream lags.  Ids order
         entries of different streams only to the millisecond: within the horizon's

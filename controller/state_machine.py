@@ -172,7 +172,10 @@ class _Decider:
         elif cause.type in (CANCEL_REQUESTED, RETRY_REQUESTED):
             notes = [self.operator_request()]
         else:
-            notes = [self.apply(self.definition.step_map[name], self.instance.step(name), role) for name, role in roles]
+            notes = [self.implied(name) for name, role in roles if role in (Role.COMPLETED, Role.FAILED)]
+            notes += [
+                self.apply(self.definition.step_map[name], self.instance.step(name), role) for name, role in roles
+            ]
             if not roles:
                 notes.append("not part of this workflow")
         self.result.history[0].detail = "; ".join(n for n in notes if n) or None
@@ -237,6 +240,32 @@ class _Decider:
         if cause and step.command_id and cause != step.command_id:
             return f"a failure of an earlier attempt to compensate {step.name}; ignored"
         return self.compensation_attempt_failed(definition, step, str(payload.get("reason") or self.cause.type))
+
+    def implied(self, ended: str) -> str | None:
+        """A step ended, so its trigger was published: the steps that publish that trigger
+        (and theirs, and so on) have completed, even where their completion is not read
+        yet (a backlog drains each stream at its own pace).  Such a step still pending is
+        running as far as the workflow knows: its completion is on its way, bounded by its
+        timeout, and a compensation waits for it (see :meth:`settle`)."""
+        started: list[str] = []
+        steps = {step.name: step for step in self.instance.steps}
+        triggers = [self.definition.step_map[ended].trigger]
+        while triggers:
+            trigger = triggers.pop()
+            for definition in self.definition.steps:
+                if definition.completed != trigger:
+                    continue
+                step = steps.get(definition.name)  # (None: a step added to the definition since)
+                if step is not None and step.status is StepStatus.PENDING:
+                    step.status = StepStatus.RUNNING
+                    step.started_at = self.now
+                    if definition.timeout_s:
+                        self.set_timer(f"step:{step.name}", definition.timeout_s, step)
+                    started.append(step.name)
+                    triggers.append(definition.trigger)
+        if not started:
+            return None
+        return f"{' and '.join(started)} completed before {ended} (not read yet): running until it is"
 
     def end_step(self, step: StepState, status: StepStatus) -> None:
         step.status = status
@@ -406,6 +435,9 @@ class _Decider:
         if to_undo:
             instance.status = WorkflowStatus.COMPENSATING
             step = to_undo[0]
+            later = steps[[s.name for s in steps].index(step.name) + 1 :]
+            if any(s.status is StepStatus.RUNNING and s.deadline_at is not None for s in later):
+                return  # a later step may still complete: undo it first (its timeout bounds the wait)
             step.status = StepStatus.COMPENSATING
             step.compensation_started_at = self.now
             step.attempts = 1

@@ -102,6 +102,21 @@ def refund_given_up() -> Saga:
     return saga
 
 
+def release_then_refund(saga: Saga) -> None:
+    """The shipping failure's compensation, once ReleaseInventory is sent: the refund follows the release."""
+    assert saga.sent[-1] == "ReleaseInventory"
+    saga.event("InventoryReleased")
+    assert saga.sent[-1] == "RefundPayment"
+    saga.event("PaymentRefunded")
+    assert saga.status() is WorkflowStatus.COMPENSATED
+    assert saga.steps() == {
+        "payment": "compensated",
+        "inventory": "compensated",
+        "shipping": "failed",
+        "notification": "skipped",
+    }
+
+
 def test_start_publishes_the_start_event_and_runs_the_first_step() -> None:
     saga = Saga()
     assert saga.sent == ["OrderSubmitted"]
@@ -164,16 +179,66 @@ def test_shipping_failure_compensates_in_reverse_order_one_at_a_time() -> None:
     assert saga.sent == ["OrderSubmitted", "ReleaseInventory"]
     assert saga.steps()["inventory"] is StepStatus.COMPENSATING
     assert saga.steps()["payment"] is StepStatus.COMPLETED
-    saga.event("InventoryReleased")
-    assert saga.sent[-1] == "RefundPayment"
-    saga.event("PaymentRefunded")
-    assert saga.status() is WorkflowStatus.COMPENSATED
+    release_then_refund(saga)
+
+
+def test_a_failure_read_before_the_completions_it_follows_waits_for_them_and_undoes_last_first() -> None:
+    # after a stall each stream drains at its own pace: the controller reads ShipmentFailed
+    # before PaymentCaptured and InventoryReserved, which came before it
+    saga = Saga()
+    saga.event("ShipmentFailed", {"reason": "country XX not served"})
     assert saga.steps() == {
-        "payment": "compensated",
-        "inventory": "compensated",
+        "payment": "running",
+        "inventory": "running",
         "shipping": "failed",
-        "notification": "skipped",
+        "notification": "pending",
     }
+    assert saga.history[-1].detail == "inventory completed before shipping (not read yet): running until it is"
+    assert "step:inventory" in saga.instance.timers  # the wait is bounded
+    assert saga.status() is WorkflowStatus.COMPENSATING
+    saga.event("PaymentCaptured", {"payment_id": "p"})
+    assert saga.sent == ["OrderSubmitted"]  # the inventory step may still need undoing first
+    saga.event("InventoryReserved", {"reservation_id": "r"})
+    assert saga.sent[-1] == "ReleaseInventory"
+    release_then_refund(saga)
+
+
+def test_a_completion_implied_but_never_read_times_out_and_the_compensation_goes_on() -> None:
+    saga = Saga()
+    saga.event("PaymentCaptured")
+    saga.event("ShipmentFailed", {"reason": "no"})  # its InventoryReserved never arrives
+    assert saga.sent == ["OrderSubmitted"]
+    saga.fire("step:inventory")
+    assert saga.steps()["inventory"] is StepStatus.TIMED_OUT
+    assert saga.sent[-1] == "RefundPayment"
+
+
+def test_a_completion_read_before_the_one_it_follows_completes_the_workflow_once_both_are_in() -> None:
+    saga = Saga()
+    saga.event("ShipmentScheduled")  # PaymentCaptured and InventoryReserved are still unread
+    assert saga.steps() == {
+        "payment": "running",
+        "inventory": "running",
+        "shipping": "completed",
+        "notification": "running",
+    }
+    saga.event("CustomerNotified")
+    saga.event("InventoryReserved")
+    assert saga.status() is WorkflowStatus.RUNNING
+    saga.event("PaymentCaptured")
+    assert saga.status() is WorkflowStatus.COMPLETED
+    assert saga.instance.timers == {}
+    assert saga.sent == ["OrderSubmitted"]
+
+
+def test_a_compensation_does_not_wait_for_a_later_step_without_a_timeout() -> None:
+    dumped = ORDER_SAGA.model_dump()
+    dumped["steps"][1]["timeout_s"] = None  # inventory
+    saga = Saga(WorkflowDefinition.model_validate(dumped))
+    saga.event("PaymentCaptured")
+    saga.event(CANCEL_REQUESTED, {"by": "bob"})
+    # nothing bounds a wait for inventory: payment is undone now, inventory if it completes
+    assert saga.sent[-1] == "RefundPayment"
 
 
 def test_compensation_command_carries_what_the_step_completed_with() -> None:
@@ -478,14 +543,19 @@ def test_a_non_critical_step_that_times_out_is_flagged_and_the_workflow_complete
     assert saga.instance.timers == {}
 
 
-def test_an_sla_breach_compensates_by_default() -> None:
+def test_an_sla_breach_compensates_by_default_last_step_first() -> None:
     saga = Saga()
     saga.event("PaymentCaptured")
     saga.fire("sla")
     assert saga.instance.sla_breached
     assert saga.instance.error == "SLA of 300s breached"
-    assert saga.sent[-2:] == [SLA_BREACHED, "RefundPayment"]
+    # the inventory step still runs: it may yet complete, and must then be undone first
+    assert saga.sent[-1] == SLA_BREACHED
     assert saga.status() is WorkflowStatus.COMPENSATING
+    saga.event("InventoryReserved")
+    assert saga.sent[-1] == "ReleaseInventory"
+    saga.event("InventoryReleased")
+    assert saga.sent[-1] == "RefundPayment"
 
 
 def test_an_sla_breach_can_be_only_flagged() -> None:
@@ -524,11 +594,12 @@ def test_cancel_compensates_a_running_workflow_and_records_who() -> None:
     saga.event("PaymentCaptured")
     saga.event(CANCEL_REQUESTED, {"by": "alice", "reason": "customer called"})
     assert saga.instance.error == "cancelled by alice: customer called"
+    # the inventory step was running when cancelled: its timeout bounds the wait for it
+    assert saga.status() is WorkflowStatus.COMPENSATING
+    assert saga.sent[-1] == "OrderSubmitted"
+    saga.fire("step:inventory")
     assert saga.sent[-1] == "RefundPayment"
     saga.event("PaymentRefunded")
-    # the inventory step was running when cancelled: its timeout bounds the wait
-    assert saga.status() is WorkflowStatus.COMPENSATING
-    saga.fire("step:inventory")
     assert saga.status() is WorkflowStatus.COMPENSATED
     with pytest.raises(state_machine.NotAllowed, match="only a running workflow"):
         state_machine.check_operator_request(saga.instance, CANCEL_REQUESTED)
