@@ -76,6 +76,7 @@ def as_json(report: Report) -> dict[str, Any]:
         "ratio_closed_loop_streamsaga_to_baseline": _r(ratio(report), 3),
         "targets": targets(report),
         "profiles": report.profiles,
+        "memory": report.memory.as_dict() if report.memory else None,
     }
 
 
@@ -133,6 +134,8 @@ def as_text(report: Report) -> str:
             for name, row in list(phase.redis_commands.items())[:6]
         ]
         lines.append(f"  {phase.name}: " + ", ".join(cells))
+    if report.memory is not None:
+        lines += ["", *report.memory.as_text()]
     for name, summary in report.profiles.items():
         lines += ["", f"py-spy, {name} (closed loop):", summary]
     logs = env.get("log_dir")

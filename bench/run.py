@@ -38,6 +38,7 @@ from bench import baseline
 from bench.completion import Classifier, CompletionWatcher, classify_progress, progress_streams
 from bench.keepalive import KeepAliveClient
 from bench.load import Submitter, closed_loop, open_loop
+from bench.memory import Footprint, footprint
 from bench.orders import HttpSubmitter
 from bench.processes import ChildFailed, Children, CpuMeter, load_average, streamsaga_command
 from bench.profiling import Recorder, redis_counters, redis_delta, summarize
@@ -87,6 +88,8 @@ class Report:
     environment: dict[str, Any] = field(default_factory=dict)
     phases: list[PhaseResult] = field(default_factory=list)
     profiles: dict[str, str] = field(default_factory=dict)
+    memory: Footprint | None = None
+    """What streamsaga's workflows left in Redis, measured after its phases."""
 
     def phase(self, name: str) -> PhaseResult | None:
         return next((p for p in self.phases if p.name == name), None)
@@ -316,6 +319,7 @@ class _Drive:
                     self._watching(progress_streams(options.partitions), classify_progress) as watcher,
                 ):
                     await self._phases("streamsaga", HttpSubmitter(client, run_id, options.timeout), watcher)
+                self.report.memory = await footprint(redis)
 
     async def baseline(self, run_id: str) -> None:
         options = self.options

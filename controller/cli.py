@@ -43,6 +43,7 @@ WORKER_DEFAULTS = {
     "payment_limit": "1000.00",
     "default_stock": 100,
     "countries": "US,CA,GB,DE,FR,NL",
+    "outcome_ttl_s": 604_800,
 }
 
 
@@ -273,6 +274,7 @@ def _worker(args: argparse.Namespace) -> int:
         "countries": args.countries,
         "notify_fail_customers": args.notify_fail_customers,
         "refund_fail_customers": args.refund_fail_customers,
+        "outcome_ttl_s": args.outcome_ttl_s,
         "metrics_port": args.metrics_port,
         "metrics_host": args.metrics_host,
     }
@@ -325,6 +327,13 @@ def _worker_parser(sub: Any) -> None:
         type=_names,
         metavar="ID,ID,...",
         help="customer ids whose refund fails, to exercise a compensation that needs attention (default: none)",
+    )
+    p.add_argument(
+        "--outcome-ttl-s",
+        type=_positive,
+        metavar="S",
+        help="seconds the record of a handled message is kept: a redelivery within it is not handled again "
+        f"(default: {WORKER_DEFAULTS['outcome_ttl_s']})",
     )
     p.add_argument(
         "--metrics-port",

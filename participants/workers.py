@@ -39,6 +39,8 @@ class WorkerSettings:
     """Customers whose notification fails (for demos and tests)."""
     refund_fail_customers: tuple[str, ...] = ()
     """Customers whose refund fails (for demos and tests of a compensation that needs attention)."""
+    outcome_ttl_s: int = RunnerSettings.outcome_ttl_s
+    """How long the record of a handled message (its idempotency key) is kept."""
     metrics_port: int = 0
     """Serve Prometheus metrics at ``GET /metrics`` on this port; 0: do not."""
     metrics_host: str = "127.0.0.1"
@@ -54,6 +56,7 @@ class WorkerSettings:
             claim_idle_ms=self.claim_idle_ms,
             # in-flight entries are refreshed every interval: well within claim_idle_ms
             pending_interval_s=min(0.5, self.claim_idle_ms / 4000),
+            outcome_ttl_s=self.outcome_ttl_s,
             metrics_port=self.metrics_port,
             metrics_host=self.metrics_host,
         )

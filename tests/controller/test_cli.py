@@ -250,6 +250,7 @@ def test_worker_help_states_the_workers_own_defaults(capsys: pytest.CaptureFixtu
         "payment_limit": str(defaults.payment_limit),
         "default_stock": defaults.default_stock,
         "countries": ",".join(defaults.countries),
+        "outcome_ttl_s": defaults.outcome_ttl_s,
     }
     assert from_settings == WORKER_DEFAULTS
     with pytest.raises(SystemExit) as exited:

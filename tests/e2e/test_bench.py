@@ -50,3 +50,8 @@ def test_the_benchmark_runs_every_phase_and_reports_figures_and_targets() -> Non
     assert all(us > 0 for us in cpu.values())
     assert report["ratio_closed_loop_streamsaga_to_baseline"] > 0
     assert set(report["targets"]) == {"closed_loop_workflows_per_s", "open_loop_p99_ms"}
+    memory = report["memory"]
+    assert memory["workflows"] == 10 + ORDERS + RATE * DURATION_S  # warm-up, closed loop, open loop
+    assert memory["keys"]["instance"] == memory["keys"]["history"] == memory["workflows"]
+    assert memory["keys"]["outcome records"] == 4 * memory["workflows"]  # one per message each worker handled
+    assert all(size > 0 for size in memory["bytes_per_workflow"].values())

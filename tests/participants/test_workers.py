@@ -301,9 +301,11 @@ async def test_the_four_workers_carry_an_order_through_the_happy_path(redis: Red
     assert (row.captured_cents, row.reserved, row.shipped, row.notified) == (1000, {"SKU-1": 2}, True, True)
 
 
-async def test_run_worker_runs_until_stopped(redis: Redis, redis_url: str) -> None:
+async def test_run_worker_runs_until_stopped_and_keeps_outcomes_as_long_as_asked(redis: Redis, redis_url: str) -> None:
     stop = asyncio.Event()
-    settings = WorkerSettings(redis_url=redis_url, partitions=PARTITIONS, consumer="w-1", claim_idle_ms=1000)
+    settings = WorkerSettings(
+        redis_url=redis_url, partitions=PARTITIONS, consumer="w-1", claim_idle_ms=1000, outcome_ttl_s=3_600
+    )
     task = asyncio.create_task(run_worker("payment", settings, stop))
     try:
         await publish(redis, submitted(("SKU-1", 1, "1.00"), workflow="wf-run"))
@@ -311,3 +313,5 @@ async def test_run_worker_runs_until_stopped(redis: Redis, redis_url: str) -> No
     finally:
         stop.set()
         await task
+    [record] = [key async for key in redis.scan_iter(match="*:done:payment:*")]
+    assert 3_500 < await redis.ttl(record) <= 3_600
