@@ -32,6 +32,7 @@ from controller.instance import (
 )
 
 PRODUCER = CONTROLLER_GROUP
+_ACTIVE = (WorkflowStatus.RUNNING, WorkflowStatus.COMPENSATING)
 _MAY_COMPLETE = frozenset(
     {StepStatus.PENDING, StepStatus.RUNNING, StepStatus.FAILED, StepStatus.TIMED_OUT, StepStatus.SKIPPED}
 )
@@ -192,14 +193,15 @@ class _Decider:
         running = instance.status is WorkflowStatus.RUNNING
         payload = self.cause.payload
         if role is Role.TRIGGER:
-            if step.status is StepStatus.PENDING and running:
-                step.status = StepStatus.RUNNING
-                step.started_at = self.now
+            # a choreographed step runs once its trigger is out, whatever the workflow's status:
+            # its participant reacts to the event, not to the workflow.  An orchestrated one runs
+            # on its command, which goes out only while the workflow runs.
+            choreographed = not definition.orchestrated and instance.status in _ACTIVE
+            if step.status is StepStatus.PENDING and (running or choreographed):
+                self.start_step(definition, step, self.now)
                 if definition.orchestrated and definition.command:
                     step.attempts = 1
                     self.send_step_command(definition, payload)
-                if definition.timeout_s:
-                    self.set_timer(f"step:{step.name}", definition.timeout_s, step)
             return None
         if role is Role.COMPLETED:
             if step.status not in _MAY_COMPLETE:
@@ -242,30 +244,45 @@ class _Decider:
         return self.compensation_attempt_failed(definition, step, str(payload.get("reason") or self.cause.type))
 
     def implied(self, ended: str) -> str | None:
-        """A step ended, so its trigger was published: the steps that publish that trigger
-        (and theirs, and so on) have completed, even where their completion is not read
-        yet (a backlog drains each stream at its own pace).  Such a step still pending is
-        running as far as the workflow knows: its completion is on its way, bounded by its
-        timeout, and a compensation waits for it (see :meth:`settle`)."""
+        """A step ended, so its trigger was published: the choreographed steps whose completion
+        that trigger is (and theirs, and so on) have completed, even where the completion is
+        not read yet (a backlog drains each stream at its own pace).  Such a step still pending
+        runs as far as the workflow knows, since when is unknown: its completion is on its way,
+        and a compensation waits for it (see :meth:`settle`)."""
+        if self.instance.status not in _ACTIVE:
+            return None
         started: list[str] = []
         steps = {step.name: step for step in self.instance.steps}
         triggers = [self.definition.step_map[ended].trigger]
         while triggers:
             trigger = triggers.pop()
             for definition in self.definition.steps:
-                if definition.completed != trigger:
-                    continue
+                if definition.completed != trigger or definition.orchestrated:
+                    continue  # (an orchestrated step ran on a command, sent once its trigger was read)
                 step = steps.get(definition.name)  # (None: a step added to the definition since)
                 if step is not None and step.status is StepStatus.PENDING:
-                    step.status = StepStatus.RUNNING
-                    step.started_at = self.now
-                    if definition.timeout_s:
-                        self.set_timer(f"step:{step.name}", definition.timeout_s, step)
+                    self.start_step(definition, step, None)
                     started.append(step.name)
                     triggers.append(definition.trigger)
         if not started:
             return None
-        return f"{' and '.join(started)} completed before {ended} (not read yet): running until it is"
+        names, until = " and ".join(started), "they are" if len(started) > 1 else "it is"
+        return f"{names} completed before {ended} (not read yet): running until {until}"
+
+    def start_step(self, definition: StepDefinition, step: StepState, started_at: datetime | None) -> None:
+        step.status = StepStatus.RUNNING
+        step.started_at = started_at
+        if definition.timeout_s:
+            self.set_timer(f"step:{step.name}", definition.timeout_s, step)
+
+    def may_need_undoing(self, step: StepState) -> bool:
+        """Whether ``step`` is running with a deadline and has a compensation: it may still
+        complete and then need undoing, and its deadline bounds a wait for it."""
+        return (
+            step.status is StepStatus.RUNNING
+            and step.deadline_at is not None
+            and self.definition.step_map[step.name].compensation is not None
+        )
 
     def end_step(self, step: StepState, status: StepStatus) -> None:
         step.status = status
@@ -316,7 +333,9 @@ class _Decider:
         self.end_step(step, StepStatus.TIMED_OUT)
         step.error = "timed out"
         if definition.timeout_policy == "flag":
-            return f"{timeout}; flagged, the workflow goes on"
+            return f"{timeout}; flagged" + (
+                ", the workflow goes on" if self.instance.status is WorkflowStatus.RUNNING else ""
+            )
         if self.instance.status is WorkflowStatus.RUNNING:
             self.begin_compensation(timeout)
         return timeout
@@ -436,19 +455,19 @@ class _Decider:
             instance.status = WorkflowStatus.COMPENSATING
             step = to_undo[0]
             later = steps[[s.name for s in steps].index(step.name) + 1 :]
-            if any(s.status is StepStatus.RUNNING and s.deadline_at is not None for s in later):
-                return  # a later step may still complete: undo it first (its timeout bounds the wait)
+            if any(self.may_need_undoing(s) for s in later):
+                return  # a later step may still complete: undo it first
             step.status = StepStatus.COMPENSATING
             step.compensation_started_at = self.now
             step.attempts = 1
             step.error = None
             self.send_compensation(self.definition.step_map[step.name], step)
             return
-        if any(s.status is StepStatus.RUNNING for s in steps):
-            instance.status = WorkflowStatus.COMPENSATING  # wait for it (its timeout bounds the wait)
+        if any(self.may_need_undoing(s) for s in steps):
+            instance.status = WorkflowStatus.COMPENSATING  # wait for it
             return
-        for s in steps:
-            if s.status is StepStatus.PENDING:
+        for s in steps:  # (a running step with nothing to undo, or no deadline, is not waited for)
+            if s.status in (StepStatus.PENDING, StepStatus.RUNNING):
                 s.status = StepStatus.SKIPPED
         undone = any(s.status is StepStatus.COMPENSATED for s in steps)
         self.finish(WorkflowStatus.COMPENSATED if undone else WorkflowStatus.FAILED)

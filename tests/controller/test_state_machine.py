@@ -194,6 +194,7 @@ def test_a_failure_read_before_the_completions_it_follows_waits_for_them_and_und
         "notification": "pending",
     }
     assert saga.history[-1].detail == "inventory completed before shipping (not read yet): running until it is"
+    assert saga.instance.step("inventory").started_at is None  # when, nobody knows
     assert "step:inventory" in saga.instance.timers  # the wait is bounded
     assert saga.status() is WorkflowStatus.COMPENSATING
     saga.event("PaymentCaptured", {"payment_id": "p"})
@@ -201,6 +202,62 @@ def test_a_failure_read_before_the_completions_it_follows_waits_for_them_and_und
     saga.event("InventoryReserved", {"reservation_id": "r"})
     assert saga.sent[-1] == "ReleaseInventory"
     release_then_refund(saga)
+
+
+def with_steps(*changes: tuple[str, dict[str, Any]], extra: tuple[dict[str, Any], ...] = ()) -> WorkflowDefinition:
+    """The order saga with some steps' fields changed (by step name) and steps appended."""
+    dumped = ORDER_SAGA.model_dump()
+    for name, fields in changes:
+        next(step for step in dumped["steps"] if step["name"] == name).update(fields)
+    dumped["steps"] = [*dumped["steps"], *extra]
+    return WorkflowDefinition.model_validate(dumped)
+
+
+def test_an_orchestrated_step_is_never_implied_it_runs_on_its_command_only() -> None:
+    saga = Saga(with_steps(("inventory", {"orchestrated": True, "command": "ReserveInventory"})))
+    saga.event("ShipmentFailed", {"reason": "no"})
+    assert saga.steps()["inventory"] is StepStatus.PENDING
+    assert "step:inventory" not in saga.instance.timers
+    assert "ReserveInventory" not in saga.sent
+
+
+def test_nothing_is_implied_once_the_workflow_needs_attention() -> None:
+    saga = refund_given_up()
+    timers = dict(saga.instance.timers)
+    saga.event("NotificationFailed", {"reason": "late and odd"})
+    assert saga.steps()["shipping"] is StepStatus.PENDING
+    assert saga.instance.timers == timers
+
+
+def test_a_step_started_by_choreography_during_a_compensation_is_waited_for_and_undone_first() -> None:
+    fraud = {
+        "name": "fraud",
+        "participant": "fraud",
+        "trigger": "PaymentCaptured",
+        "completed": "FraudCleared",
+        "timeout_s": 30.0,
+        "compensation": {"command": "UndoFraud", "completed": "FraudUndone"},
+    }
+    saga = Saga(with_steps(extra=(fraud,)))
+    saga.event("ShipmentFailed", {"reason": "no"})  # read before everything it follows
+    saga.event("PaymentCaptured")  # the fraud worker reacts to it, whatever the workflow's status
+    assert saga.steps()["fraud"] is StepStatus.RUNNING
+    saga.event("InventoryReserved")
+    assert saga.sent == ["OrderSubmitted"]  # fraud may still complete
+    saga.event("FraudCleared")
+    assert saga.sent[-1] == "UndoFraud"
+    saga.event("FraudUndone")
+    assert saga.sent[-1] == "ReleaseInventory"
+
+
+def test_a_flagged_timeout_during_a_compensation_does_not_say_the_workflow_goes_on() -> None:
+    saga = Saga(with_steps(("inventory", {"on_timeout": "flag"})))
+    saga.event("PaymentCaptured")
+    saga.event(CANCEL_REQUESTED, {"by": "op"})
+    saga.fire("step:inventory")
+    fired = next(h for h in reversed(saga.history) if h.type == TIMER_FIRED)
+    assert fired.detail == "inventory timed out after 30s; flagged"
+    assert saga.sent[-1] == "RefundPayment"
 
 
 def test_a_completion_implied_but_never_read_times_out_and_the_compensation_goes_on() -> None:
@@ -232,9 +289,7 @@ def test_a_completion_read_before_the_one_it_follows_completes_the_workflow_once
 
 
 def test_a_compensation_does_not_wait_for_a_later_step_without_a_timeout() -> None:
-    dumped = ORDER_SAGA.model_dump()
-    dumped["steps"][1]["timeout_s"] = None  # inventory
-    saga = Saga(WorkflowDefinition.model_validate(dumped))
+    saga = Saga(with_steps(("inventory", {"timeout_s": None})))
     saga.event("PaymentCaptured")
     saga.event(CANCEL_REQUESTED, {"by": "bob"})
     # nothing bounds a wait for inventory: payment is undone now, inventory if it completes
@@ -553,9 +608,18 @@ def test_an_sla_breach_compensates_by_default_last_step_first() -> None:
     assert saga.sent[-1] == SLA_BREACHED
     assert saga.status() is WorkflowStatus.COMPENSATING
     saga.event("InventoryReserved")
+    # and the shipping worker reacts to that whatever the workflow's status: wait for it too
+    assert saga.steps()["shipping"] is StepStatus.RUNNING
+    assert saga.sent[-1] == SLA_BREACHED
+    saga.event("ShipmentScheduled")
+    assert saga.sent[-1] == "CancelShipment"  # notification has nothing to undo: not waited for
+    saga.event("ShipmentCancelled")
     assert saga.sent[-1] == "ReleaseInventory"
     saga.event("InventoryReleased")
     assert saga.sent[-1] == "RefundPayment"
+    saga.event("PaymentRefunded")
+    assert saga.status() is WorkflowStatus.COMPENSATED
+    assert saga.steps()["notification"] is StepStatus.SKIPPED
 
 
 def test_an_sla_breach_can_be_only_flagged() -> None:
@@ -634,8 +698,9 @@ def test_backoff_grows_exponentially_with_bounded_deterministic_jitter() -> None
     assert RetryPolicy(base_s=1, jitter=0).delay_s(3, "x") == 4
 
 
-def test_an_sla_passing_during_compensation_gives_up_a_step_that_has_no_timeout() -> None:
-    definition = WorkflowDefinition(
+def two_steps(b_timeout_s: float | None) -> WorkflowDefinition:
+    """Step a, then b (both undoable), with an SLA of 60 s."""
+    return WorkflowDefinition(
         name="slow",
         start="Go",
         sla_s=60,
@@ -647,20 +712,46 @@ def test_an_sla_passing_during_compensation_gives_up_a_step_that_has_no_timeout(
                 completed="ADone",
                 compensation=CompensationDefinition(command="UndoA", completed="AUndone"),
             ),
-            StepDefinition(name="b", participant="pb", trigger="ADone", completed="BDone"),  # no timeout
+            StepDefinition(
+                name="b",
+                participant="pb",
+                trigger="ADone",
+                completed="BDone",
+                timeout_s=b_timeout_s,
+                compensation=CompensationDefinition(command="UndoB", completed="BUndone"),
+            ),
         ),
     )
-    saga = Saga(definition, {})
+
+
+def test_an_sla_passing_during_compensation_gives_up_the_steps_it_waits_for() -> None:
+    saga = Saga(two_steps(b_timeout_s=120), {})
     saga.event("ADone")
     saga.event(CANCEL_REQUESTED, {"by": "op"})
-    saga.event("AUndone")
-    assert saga.status() is WorkflowStatus.COMPENSATING  # waiting for b, which has no deadline
-    assert set(saga.instance.timers) == {"sla"}
-    saga.fire("sla")
-    assert saga.steps() == {"a": "compensated", "b": "timed_out"}
-    assert saga.status() is WorkflowStatus.COMPENSATED
+    assert saga.status() is WorkflowStatus.COMPENSATING  # waiting for b: it may complete
+    assert saga.sent == ["Go"]
+    saga.fire("sla")  # before b's own deadline
+    assert saga.steps() == {"a": "compensating", "b": "timed_out"}
+    assert saga.sent[-2:] == [SLA_BREACHED, "UndoA"]
     fired = next(h for h in saga.history if h.type == TIMER_FIRED)
     assert fired.detail == "SLA of 60s breached while compensating; running steps given up: b"
+    saga.event("AUndone")
+    assert saga.status() is WorkflowStatus.COMPENSATED
+
+
+def test_a_step_without_a_deadline_is_not_waited_for_and_is_undone_if_it_completes_late() -> None:
+    saga = Saga(two_steps(b_timeout_s=None), {})
+    saga.event("ADone")
+    saga.event(CANCEL_REQUESTED, {"by": "op"})
+    assert saga.sent[-1] == "UndoA"  # nothing bounds a wait for b
+    saga.event("AUndone")
+    assert saga.status() is WorkflowStatus.COMPENSATED
+    assert saga.steps() == {"a": "compensated", "b": "skipped"}
+    assert saga.instance.timers == {}
+    saga.event("BDone")  # it did run
+    assert saga.sent[-1] == "UndoB"
+    saga.event("BUndone")
+    assert saga.status() is WorkflowStatus.COMPENSATED
 
 
 def test_a_late_failure_of_an_earlier_compensation_attempt_is_ignored() -> None:
