@@ -28,7 +28,7 @@ from contracts.messages import PayloadError
 from controller import state_machine
 from controller.definitions import Definitions, UnknownWorkflow
 from controller.instance import Instance, WorkflowStatus
-from controller.store import WorkflowStore
+from controller.store import WorkflowStore, landed
 from participants.sdk import tracing
 from participants.sdk.commit import Commit, Outcome
 from participants.sdk.connection import REFUSING_WRITES
@@ -254,7 +254,7 @@ class Correlator:
             raise
         retry: dict[str, list[tuple[Entry, Envelope]]] = {}
         for (workflow_id, index, before, result, envelope), outcome in zip(decided, results, strict=True):
-            if outcome.outcome is Outcome.OK:
+            if landed(outcome, result):  # (a duplicate of itself: its reply was lost, the retry found it done)
                 self.applied += 1
                 self.store.committed(before, result)
                 if self.metrics is not None:

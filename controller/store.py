@@ -80,6 +80,11 @@ def mark(instance: Instance) -> str:
     return str((instance.updated_at - _EPOCH) // _MICROSECOND)
 
 
+def landed(outcome: CommitResult, result: state_machine.Transition) -> bool:
+    """Whether the commit of ``result`` took effect (see :meth:`CommitResult.landed`)."""
+    return outcome.landed(result.instance.version, mark(result.instance))
+
+
 def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
@@ -201,12 +206,13 @@ class WorkflowStore:
             )
             result = state_machine.transition(definition, instance, message, now)
             [outcome] = await self.script.run(self.redis, [self.commit(instance, result)])
-            if outcome.outcome is Outcome.OK:
+            if landed(outcome, result):
                 self.committed(instance, result)
                 return result.instance
             if outcome.outcome is Outcome.DUPLICATE:
                 # this request's own fresh message id was already recorded: the client
-                # retried the script after losing its reply, and the first run landed
+                # retried the script after losing its reply, the first run landed, and
+                # the workflow has moved on since
                 return await self.load(workflow_id) or result.instance
         raise RuntimeError(f"workflow {workflow_id} kept changing; try again")
 
@@ -320,11 +326,9 @@ class WorkflowStore:
             outcome = await self._commit_start(self.commit(None, result))
         except (RedisConnectionError, RedisTimeoutError) as exc:  # the reply never came
             raise StartUncertain(workflow_id, exc) from exc
-        # without a key the workflow id is new, and so is its start event's: a duplicate is this
-        # start's own script, run again by the connection after its reply was lost — it landed.
-        # With a key, a duplicate may as well be an earlier request's: answered as a replay
-        landed = outcome.outcome is Outcome.OK or (outcome.outcome is Outcome.DUPLICATE and idempotency_key is None)
-        if landed:
+        # a duplicate is this start's own script run again after its reply was lost (it
+        # landed), or, with an Idempotency-Key, an earlier request's start: answered as a replay
+        if landed(outcome, result):
             self.committed(None, result)
             return result.instance, True
         existing = await self.load(workflow_id)

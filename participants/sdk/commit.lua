@@ -15,7 +15,10 @@
 --     set k value ttl|''   expire k ttl   persist k
 -- A duplicate still acks: its work was done by the commit that recorded it.
 -- Returns {'ok', '', id, ...} (the ids the xadds appended, in order; just {'ok'}
--- when there were none) | {'dup', value?} | {'conflict', current_version}.
+-- when there were none) | {'dup', value?} | {'conflict', current_version}.  A dedupe
+-- duplicate of a guarded commit answers {'dup', '', version, mark} of the guarded
+-- hash: equal to what this commit writes, it is this commit, run again after its
+-- reply was lost.
 local argv = ARGV
 local acks = tonumber(argv[1])
 local i = 2 + 3 * acks
@@ -26,13 +29,25 @@ local function ack()
   end
 end
 
+-- the version and mark of the hash a later guard check names, if any (checks from j on)
+local function guarded_state(j)
+  while argv[j] == 'once' or argv[j] == 'guard' or argv[j] == 'requires' do
+    if argv[j] == 'guard' then
+      local state = redis.call('HMGET', KEYS[tonumber(argv[j + 1])], 'v', 'm')
+      return {'dup', '', state[1] or '0', state[2] or ''}
+    end
+    j = j + (argv[j] == 'guard' and 4 or 3)
+  end
+  return {'dup'}
+end
+
 local guarded
 while true do
   local op = argv[i]
   if op == 'dedupe' then
     if redis.call('SISMEMBER', KEYS[tonumber(argv[i + 1])], argv[i + 2]) == 1 then
       ack()
-      return {'dup'}
+      return guarded_state(i + 3)
     end
     i = i + 3
   elseif op == 'once' then

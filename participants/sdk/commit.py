@@ -34,6 +34,14 @@ class CommitResult:
     outcome: Outcome
     value: str | None = None  # the recorded value of a duplicate `once`, or the current version on conflict
     added: tuple[str, ...] = ()  # on OK: the ids of the entries the xadds appended, in order
+    guarded: tuple[str, str] | None = None
+    """On a dedupe duplicate of a guarded commit: the guarded hash's version and mark now."""
+
+    def landed(self, version: int, mark: str) -> bool:
+        """Whether this commit took effect: it did, or it is a duplicate of itself (its
+        script ran again after the reply was lost) — the guarded hash holds exactly the
+        ``version`` and ``mark`` it writes."""
+        return self.outcome is Outcome.OK or self.guarded == (str(version), mark)
 
 
 def _slot_tag(key: str) -> str:
@@ -174,4 +182,6 @@ def _result(raw: Any) -> CommitResult:
     outcome = Outcome(text(raw[0]))
     if outcome is Outcome.OK:
         return CommitResult(outcome, added=tuple(text(entry_id) for entry_id in raw[2:]))
+    if len(raw) == 4:  # a dedupe duplicate, with the guarded state
+        return CommitResult(outcome, guarded=(text(raw[2]), text(raw[3])))
     return CommitResult(outcome, text(raw[1]) if len(raw) > 1 else None)

@@ -525,6 +525,28 @@ async def test_readiness_follows_redis_outages_and_an_outage_is_logged_once(
     assert not [r for r in caplog.records if r.exc_info]  # no tracebacks for an outage
 
 
+async def test_a_commit_whose_reply_was_lost_is_applied_once_and_counted_as_applied(
+    redis: Redis, redis_url: str
+) -> None:
+    async with RedisProxy(redis_url) as proxy:
+        client = connect(proxy.url)
+        store = WorkflowStore(client, P)
+        instance = await start_order(store)
+        worker = correlator(store)
+        await worker.prepare()
+        await emit(store, envelope(instance, "PaymentCaptured"))
+        proxy.drop_reply(b"EVALSHA", once=True)  # the connection's retry finds the commit made
+        try:
+            await worker.handle(await worker.reader.read(block_ms=100))
+        finally:
+            await client.aclose()
+    assert proxy.dropped == 1
+    assert (worker.applied, worker.duplicates, worker.conflicts) == (1, 0, 0)
+    assert store.cache.get(instance.id) is not None  # kept, as after any commit of its own
+    history = await WorkflowStore(redis, P).history(instance.id)
+    assert [h.type for h in history] == ["OrderSubmitted", "PaymentCaptured"]
+
+
 def _failures(caplog: pytest.LogCaptureFixture) -> int:
     return sum("failed: " in r.getMessage() for r in caplog.records if r.name == "controller.correlator")
 
