@@ -123,6 +123,11 @@ async def test_cancel_compensates_a_running_workflow_and_a_finished_one_answers_
     history = await deployment.history(session, workflow_id)
     cancel = next(e for e in history if e["type"] == "CancelRequested")
     assert cancel["producer"] == "operator:alice"
+    # shipping was running (its worker down): waited for up to its deadline, then the rest
+    # undone, last first
+    assert steps(state)["shipping"] == "timed_out"
+    sent = [e["type"] for e in history if e["direction"] == "out"]
+    assert sent[-2:] == ["ReleaseInventory", "RefundPayment"]
     async with session.post(f"{deployment.api}/v1/workflows/{workflow_id}/cancel") as response:
         assert response.status == 409
         problem = await response.json(content_type=None)
