@@ -77,6 +77,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         client,
         settings.partitions,
         retention_s=settings.retention_s,
+        progress_maxlen=settings.progress_maxlen,
         observer=app[metrics.METRICS].observe,
         cache=InstanceCache(settings.instance_cache_size),
     )

@@ -155,6 +155,7 @@ def _controller(args: argparse.Namespace) -> int:
             stream_min_age_s=args.stream_min_age_s,
             liveness_grace_s=args.liveness_grace_s,
             liveness_forget_s=args.liveness_forget_s,
+            progress_maxlen=args.progress_maxlen,
             sse_keepalive_s=args.sse_keepalive_s,
             sse_buffer_events=args.sse_buffer_events,
             instance_cache_size=args.instance_cache_size,
@@ -232,6 +233,14 @@ def _controller_parser(sub: Any) -> None:
     ]
     for flag, name, meaning in tuning:
         p.add_argument(flag, type=_seconds, default=getattr(d, name), help=f"{meaning} (default: %(default)s)")
+    p.add_argument(
+        "--progress-maxlen",
+        type=_positive,
+        default=d.progress_maxlen,
+        metavar="N",
+        help="progress records kept per partition for live views to resume from, about 380 bytes each "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--sse-buffer-events",
         type=_positive,

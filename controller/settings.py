@@ -7,6 +7,7 @@ from pathlib import Path
 
 from contracts.naming import DEFAULT_PARTITIONS
 from controller import instance_cache
+from controller.store import PROGRESS_MAXLEN
 from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS
 from participants.sdk.runner import default_consumer
 
@@ -41,6 +42,9 @@ class ControllerSettings:
     step no live worker subscribes to (three of the SDK's default heartbeat intervals)."""
     liveness_forget_s: float = 3_600.0
     """A heartbeat this old (its worker died without stopping) is deleted by ``GET /v1/participants``."""
+    progress_maxlen: int = PROGRESS_MAXLEN
+    """Progress records kept per partition (about: trimmed by whole stream nodes), for
+    live views to resume from; ~380 bytes each."""
     sse_keepalive_s: float = 15.0
     """An SSE stream with nothing to send this long gets a ``: keep-alive`` comment."""
     sse_buffer_events: int = 1_000
@@ -56,7 +60,7 @@ class ControllerSettings:
             raise ValueError(f"partitions must be at least 1, not {self.partitions}")
         if not 0 <= self.port <= 65_535:
             raise ValueError(f"port must be within 0..65535, not {self.port}")
-        for name in ("batch", "block_ms", "retention_s", "claim_idle_ms", "max_deliveries"):
+        for name in ("batch", "block_ms", "retention_s", "claim_idle_ms", "max_deliveries", "progress_maxlen"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if self.block_ms > MAX_BLOCK_MS:

@@ -103,6 +103,7 @@ class WorkflowStore:
         partitions: int,
         *,
         retention_s: int = 7 * 86_400,
+        progress_maxlen: int = PROGRESS_MAXLEN,
         script: CommitScript | None = None,
         observer: CommitObserver | None = None,
         cache: InstanceCache | None = None,
@@ -110,6 +111,7 @@ class WorkflowStore:
         self.redis = redis
         self.partitions = partitions
         self.retention_s = retention_s
+        self.progress_maxlen = progress_maxlen
         self.script = script or CommitScript()
         self.observer = observer
         self.cache = InstanceCache() if cache is None else cache
@@ -273,7 +275,7 @@ class WorkflowStore:
         for message in result.outgoing:
             commit.xadd(naming.message_stream(p, message.type), encode(message))
         for entry, line in zip(result.history, lines, strict=True):
-            commit.xadd(naming.progress_stream(p), _progress(instance, entry, line), maxlen=PROGRESS_MAXLEN)
+            commit.xadd(naming.progress_stream(p), _progress(instance, entry, line), maxlen=self.progress_maxlen)
         if before is not None and before.status != instance.status:
             commit.zrem(naming.status_index_key(p, before.status), instance.id)
         commit.zadd(naming.status_index_key(p, instance.status), _ms(instance.updated_at), instance.id)

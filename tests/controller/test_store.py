@@ -121,3 +121,10 @@ async def test_statuses_says_each_workflows_status_and_none_for_one_it_does_not_
     found = await store.statuses([started.id, "no-such-workflow"])
 
     assert found == {started.id: WorkflowStatus.RUNNING, "no-such-workflow": None}
+
+
+async def test_the_progress_stream_keeps_about_as_many_records_as_asked(redis: Redis) -> None:
+    capped = WorkflowStore(redis, 1, progress_maxlen=10)
+    await asyncio.gather(*(capped.start(ORDER_SAGA, {"order": ORDER}, utcnow()) for _ in range(300)))
+    # one record per start; trimming drops whole stream nodes (100 entries each) only
+    assert 10 <= await redis.xlen(naming.progress_stream(0)) <= 110
