@@ -15,12 +15,15 @@ from typing import Any
 from redis.asyncio import Redis
 
 from contracts import naming
+from controller.settings import ControllerSettings
 from participants.sdk.connection import text
+from participants.sdk.consumer import DEAD_LETTER_MAXLEN
+from participants.sdk.runner import RunnerSettings
 
 _CHUNK = 500
 
-# family of a partition key, by the word after the partition's tag (ss:{p}:<word>:…)
-_BY_WORD = {
+# families by contracts.naming.key_kind
+_FAMILIES = {
     "wf": "instance",
     "hist": "history",
     "seen": "seen message ids",
@@ -30,20 +33,24 @@ _BY_WORD = {
     "dlq": "dead letters",
     "done": "outcome records",
     "msg": "message streams",
+    "pt": "participant state",
+    "heartbeats": "heartbeats",
 }
-LEDGERS = "participant state"
+LEDGERS = _FAMILIES["pt"]
 OTHER = "other"
 
+_CONTROLLER, _RUNNER = ControllerSettings(consumer="-"), RunnerSettings(redis_url="redis://unused", consumer="-")
+_RETENTION = f"until --retention-s ({_CONTROLLER.retention_s / 86_400:g} d) after the workflow ends"
 KEPT = {
-    "instance": "until retention_s (7 d) after the workflow ends",
-    "history": "until retention_s (7 d) after the workflow ends",
-    "seen message ids": "until retention_s (7 d) after the workflow ends",
+    "instance": _RETENTION,
+    "history": _RETENTION,
+    "seen message ids": _RETENTION,
     "status index": "until the workflow expires (the retention sweep)",
     "timers": "until the deadline fires or is cancelled",
-    "progress stream": "the newest ~100,000 records per partition",
-    "dead letters": "until replayed or purged (the newest ~100,000 per partition)",
-    "outcome records": "outcome_ttl_s (7 d) after the message was handled",
-    "message streams": "until every group read them and they are stream_min_age_s (1 h) old",
+    "progress stream": f"the newest ~{_CONTROLLER.progress_maxlen:,} records per partition (--progress-maxlen)",
+    "dead letters": f"until replayed or purged (the newest ~{DEAD_LETTER_MAXLEN:,} per partition)",
+    "outcome records": f"--outcome-ttl-s ({_RUNNER.outcome_ttl_s / 86_400:g} d) after the message was handled",
+    "message streams": f"until every group read them and they are {_CONTROLLER.stream_min_age_s / 3600:g} h old",
     LEDGERS: "the example workers' ledgers: for ever",
     "heartbeats": "one field per live worker",
     OTHER: "",
@@ -52,15 +59,7 @@ KEPT = {
 
 def family_of(key: str) -> str:
     """The family of a key named by :mod:`contracts.naming`."""
-    if key == naming.heartbeat_key():
-        return "heartbeats"
-    prefix = naming.PREFIX + ":{"
-    if not key.startswith(prefix):
-        return OTHER
-    if key.startswith(prefix + "pt:"):
-        return LEDGERS
-    _, _, rest = key.partition("}:")
-    return _BY_WORD.get(rest.split(":", 1)[0], OTHER)
+    return _FAMILIES.get(naming.key_kind(key), OTHER)
 
 
 @dataclass

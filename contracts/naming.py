@@ -54,6 +54,18 @@ def partition_of_key(key: str) -> int:
     return int(key[key.index("{") + 1 : key.index("}")])
 
 
+def key_kind(key: str) -> str:
+    """What a key named here is, by the word after its partition tag: ``wf``, ``hist``,
+    ``seen``, ``status``, ``timers``, ``progress``, ``dlq``, ``done`` or ``msg``; ``pt``
+    for a participant's own state, ``heartbeats``, or "" for a key not named here."""
+    if key == heartbeat_key():
+        return "heartbeats"
+    if not key.startswith(f"{PREFIX}:{{"):
+        return ""
+    tag, _, rest = key.partition("}:")
+    return "pt" if tag.startswith(f"{PREFIX}:{{pt:") else rest.split(":", 1)[0]
+
+
 def instance_key(partition: int, workflow_id: str) -> str:
     """Hash holding a workflow instance: ``v`` (version) and ``s`` (state JSON)."""
     return f"{_tag(partition)}:wf:{workflow_id}"

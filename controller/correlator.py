@@ -28,7 +28,7 @@ from contracts.messages import PayloadError
 from controller import state_machine
 from controller.definitions import Definitions, UnknownWorkflow
 from controller.instance import Instance, WorkflowStatus
-from controller.store import WorkflowStore, landed
+from controller.store import WorkflowStore
 from participants.sdk import tracing
 from participants.sdk.commit import Commit, Outcome
 from participants.sdk.connection import REFUSING_WRITES
@@ -252,9 +252,16 @@ class Correlator:
             for workflow_id in work:  # some commits may have landed: trust no cached instance
                 self.store.forget(workflow_id)
             raise
+        # A commit landed if it says so, if it is a duplicate of itself (its pipeline ran again
+        # after the reply was lost), or if a later commit of its workflow's chain landed: that
+        # one's guard held on exactly the state this one wrote
+        landed: dict[str, int] = {}  # workflow -> the index of its last commit that landed
+        for (workflow_id, index, *_), commit, outcome in zip(decided, commits, results, strict=True):
+            if commit.landed(outcome):
+                landed[workflow_id] = index
         retry: dict[str, list[tuple[Entry, Envelope]]] = {}
         for (workflow_id, index, before, result, envelope), outcome in zip(decided, results, strict=True):
-            if landed(outcome, result):  # (a duplicate of itself: its reply was lost, the retry found it done)
+            if index <= landed.get(workflow_id, -1):
                 self.applied += 1
                 self.store.committed(before, result)
                 if self.metrics is not None:

@@ -376,8 +376,8 @@ class _Decider:
         sla_s = (instance.sla_deadline_at - instance.created_at).total_seconds() if instance.sla_deadline_at else 0.0
         self.send(SLA_BREACHED, {"sla_s": sla_s, "deadline_at": deadline}, step=None)
         if instance.status is WorkflowStatus.COMPENSATING:
-            # compensation waits for running steps, bounded by their timeouts; a step
-            # without one would hold the workflow forever: the SLA gives them up
+            # the compensation waits for running steps that may need undoing, each up to its
+            # deadline: once the SLA has passed, it waits no longer
             given_up = [s for s in instance.steps if s.status is StepStatus.RUNNING]
             for step in given_up:
                 self.end_step(step, StepStatus.TIMED_OUT)
@@ -466,8 +466,10 @@ class _Decider:
         if any(self.may_need_undoing(s) for s in steps):
             instance.status = WorkflowStatus.COMPENSATING  # wait for it
             return
-        for s in steps:  # (a running step with nothing to undo, or no deadline, is not waited for)
-            if s.status in (StepStatus.PENDING, StepStatus.RUNNING):
+        for s in steps:
+            if s.status is StepStatus.RUNNING:  # nothing to undo, or no deadline: not waited for
+                self.end_step(s, StepStatus.SKIPPED)
+            elif s.status is StepStatus.PENDING:
                 s.status = StepStatus.SKIPPED
         undone = any(s.status is StepStatus.COMPENSATED for s in steps)
         self.finish(WorkflowStatus.COMPENSATED if undone else WorkflowStatus.FAILED)

@@ -80,11 +80,6 @@ def mark(instance: Instance) -> str:
     return str((instance.updated_at - _EPOCH) // _MICROSECOND)
 
 
-def landed(outcome: CommitResult, result: state_machine.Transition) -> bool:
-    """Whether the commit of ``result`` took effect (see :meth:`CommitResult.landed`)."""
-    return outcome.landed(result.instance.version, mark(result.instance))
-
-
 def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
@@ -207,8 +202,9 @@ class WorkflowStore:
                 payload=payload,
             )
             result = state_machine.transition(definition, instance, message, now)
-            [outcome] = await self.script.run(self.redis, [self.commit(instance, result)])
-            if landed(outcome, result):
+            commit = self.commit(instance, result)
+            [outcome] = await self.script.run(self.redis, [commit])
+            if commit.landed(outcome):
                 self.committed(instance, result)
                 return result.instance
             if outcome.outcome is Outcome.DUPLICATE:
@@ -324,13 +320,16 @@ class WorkflowStore:
             traceparent=traceparent,
             sla_s=sla_s,
         )
+        commit = self.commit(None, result)
         try:
-            outcome = await self._commit_start(self.commit(None, result))
+            outcome = await self._commit_start(commit)
         except (RedisConnectionError, RedisTimeoutError) as exc:  # the reply never came
             raise StartUncertain(workflow_id, exc) from exc
-        # a duplicate is this start's own script run again after its reply was lost (it
-        # landed), or, with an Idempotency-Key, an earlier request's start: answered as a replay
-        if landed(outcome, result):
+        # a duplicate is this start's own script run again after its reply was lost (it landed;
+        # without a key nothing else can be, even once the workflow moved on), or, with an
+        # Idempotency-Key, an earlier request's start: answered as a replay
+        own = outcome.outcome is Outcome.DUPLICATE and idempotency_key is None
+        if commit.landed(outcome) or own:
             self.committed(None, result)
             return result.instance, True
         existing = await self.load(workflow_id)

@@ -9,6 +9,7 @@ is generic on purpose: it knows nothing about workflows.  Its arguments are flat
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
@@ -34,14 +35,8 @@ class CommitResult:
     outcome: Outcome
     value: str | None = None  # the recorded value of a duplicate `once`, or the current version on conflict
     added: tuple[str, ...] = ()  # on OK: the ids of the entries the xadds appended, in order
-    guarded: tuple[str, str] | None = None
-    """On a dedupe duplicate of a guarded commit: the guarded hash's version and mark now."""
-
-    def landed(self, version: int, mark: str) -> bool:
-        """Whether this commit took effect: it did, or it is a duplicate of itself (its
-        script ran again after the reply was lost) — the guarded hash holds exactly the
-        ``version`` and ``mark`` it writes."""
-        return self.outcome is Outcome.OK or self.guarded == (str(version), mark)
+    guarded_by: str | None = None
+    """On a dedupe duplicate of a guarded commit: the token of the commit that wrote the guarded hash last."""
 
 
 def _slot_tag(key: str) -> str:
@@ -66,6 +61,9 @@ class Commit:
     _checks: dict[str, tuple[str | bytes, ...]] = field(default_factory=dict)
     _writes: dict[str, list[list[str | bytes]]] = field(default_factory=dict)
     _acks: list[str] = field(default_factory=list)
+    token: str | None = None
+    """Set by :meth:`guard`: stamped into the guarded hash (field ``c``) when the commit
+    applies, so that a duplicate of this very commit can be told from another's."""
 
     def _k(self, key: str) -> str:
         index = self._index.get(key)
@@ -110,9 +108,16 @@ class Commit:
 
     def guard(self, key: str, expected_version: int, expected_mark: str = "") -> Commit:
         """Compare-and-set: hash field ``v`` of ``key`` must be ``expected_version`` (0 = no such
-        hash) and, when ``expected_mark`` is given and the hash has field ``m``, ``m`` must equal it."""
-        self._checks["guard"] = (self._k(key), str(expected_version), expected_mark)
+        hash) and, when ``expected_mark`` is given and the hash has field ``m``, ``m`` must equal it.
+        Once applied, the commit stamps its :attr:`token` into the hash's field ``c``."""
+        self.token = secrets.token_hex(8)
+        self._checks["guard"] = (self._k(key), str(expected_version), expected_mark, self.token)
         return self
+
+    def landed(self, result: CommitResult) -> bool:
+        """Whether this commit took effect: it did, or ``result`` is a duplicate of itself —
+        its script ran again after the reply was lost, and the first run had applied."""
+        return result.outcome is Outcome.OK or (self.token is not None and result.guarded_by == self.token)
 
     def hset(self, key: str, mapping: dict[str, str]) -> Commit:
         return self._add("hset", key, *(item for pair in mapping.items() for item in pair))
@@ -179,9 +184,9 @@ class CommitScript:
 def _result(raw: Any) -> CommitResult:
     if isinstance(raw, Exception):  # not a script error: the connection's, say
         raise raw
+    if text(raw[0]) == "dupof":  # a dedupe duplicate of a guarded commit
+        return CommitResult(Outcome.DUPLICATE, guarded_by=text(raw[1]))
     outcome = Outcome(text(raw[0]))
     if outcome is Outcome.OK:
         return CommitResult(outcome, added=tuple(text(entry_id) for entry_id in raw[2:]))
-    if len(raw) == 4:  # a dedupe duplicate, with the guarded state
-        return CommitResult(outcome, guarded=(text(raw[2]), text(raw[3])))
     return CommitResult(outcome, text(raw[1]) if len(raw) > 1 else None)

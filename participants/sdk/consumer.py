@@ -110,6 +110,10 @@ def decode_entry_parsed(entry: Entry, partitions: int) -> tuple[Envelope, Wire |
     return envelope, parse_payload(envelope.type, envelope.payload)
 
 
+DEAD_LETTER_MAXLEN = 100_000
+"""Dead letters kept per partition (about: trimmed by whole stream nodes)."""
+
+
 def dead_letter_commit(entry: Entry, group: str, consumer: str, reason: str) -> Commit:
     """Move ``entry`` to its partition's dead-letter stream and ack it, atomically."""
     fields: dict[str, str | bytes] = {
@@ -125,7 +129,7 @@ def dead_letter_commit(entry: Entry, group: str, consumer: str, reason: str) -> 
         fields[DLQ_FIELD_PREFIX + name.decode(errors="replace")] = value.decode(errors="replace")
     return (
         Commit()
-        .xadd(naming.dead_letter_stream(entry.partition), fields, maxlen=100_000)
+        .xadd(naming.dead_letter_stream(entry.partition), fields, maxlen=DEAD_LETTER_MAXLEN)
         .ack(entry.stream, group, entry.id)
     )
 

@@ -525,8 +525,11 @@ async def test_readiness_follows_redis_outages_and_an_outage_is_logged_once(
     assert not [r for r in caplog.records if r.exc_info]  # no tracebacks for an outage
 
 
-async def test_a_commit_whose_reply_was_lost_is_applied_once_and_counted_as_applied(
-    redis: Redis, redis_url: str
+@pytest.mark.parametrize(
+    "events", [["PaymentCaptured"], ["PaymentCaptured", "InventoryReserved"]], ids=["one commit", "a chain of two"]
+)
+async def test_commits_whose_reply_was_lost_are_applied_once_and_counted_as_applied(
+    redis: Redis, redis_url: str, events: list[str]
 ) -> None:
     async with RedisProxy(redis_url) as proxy:
         client = connect(proxy.url)
@@ -534,17 +537,21 @@ async def test_a_commit_whose_reply_was_lost_is_applied_once_and_counted_as_appl
         instance = await start_order(store)
         worker = correlator(store)
         await worker.prepare()
-        await emit(store, envelope(instance, "PaymentCaptured"))
-        proxy.drop_reply(b"EVALSHA", once=True)  # the connection's retry finds the commit made
+        for event in events:
+            await emit(store, envelope(instance, event))
+        entries = await worker.reader.read(block_ms=100)
+        assert len(entries) == len(events)  # one batch: chained commits in one pipeline
+        # the connection's retry of the pipeline finds every commit made: each a duplicate
+        proxy.drop_reply(b"EVALSHA", once=True)
         try:
-            await worker.handle(await worker.reader.read(block_ms=100))
+            await worker.handle(entries)
         finally:
             await client.aclose()
     assert proxy.dropped == 1
-    assert (worker.applied, worker.duplicates, worker.conflicts) == (1, 0, 0)
+    assert (worker.applied, worker.duplicates, worker.conflicts) == (len(events), 0, 0)
     assert store.cache.get(instance.id) is not None  # kept, as after any commit of its own
     history = await WorkflowStore(redis, P).history(instance.id)
-    assert [h.type for h in history] == ["OrderSubmitted", "PaymentCaptured"]
+    assert [h.type for h in history] == ["OrderSubmitted", *events]
 
 
 def _failures(caplog: pytest.LogCaptureFixture) -> int:

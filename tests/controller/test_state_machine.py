@@ -294,6 +294,10 @@ def test_a_compensation_does_not_wait_for_a_later_step_without_a_timeout() -> No
     saga.event(CANCEL_REQUESTED, {"by": "bob"})
     # nothing bounds a wait for inventory: payment is undone now, inventory if it completes
     assert saga.sent[-1] == "RefundPayment"
+    saga.event("PaymentRefunded")
+    assert saga.status() is WorkflowStatus.COMPENSATED
+    inventory = saga.instance.step("inventory")
+    assert (inventory.status, inventory.finished_at) == (StepStatus.SKIPPED, saga.now)
 
 
 def test_compensation_command_carries_what_the_step_completed_with() -> None:

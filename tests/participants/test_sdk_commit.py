@@ -61,3 +61,36 @@ async def test_commits_go_on_after_the_server_lost_the_script(redis: Redis) -> N
 
     assert [result.outcome for result in (first, *results)] == [Outcome.OK] * 3
     assert [fields for _, fields in await entries(redis, stream)] == [{b"n": b"1"}, {b"n": b"2"}, {b"n": b"3"}]
+
+
+def guarded(key: str, seen: str, version: int, mark: str = "") -> Commit:
+    """A commit of version ``version + 1`` of hash ``key``, deduplicated on message m-1."""
+    return Commit().guard(key, version, mark).dedupe(seen, "m-1").hset(key, {"v": str(version + 1), "m": "x"})
+
+
+async def test_a_guarded_commit_tells_a_duplicate_of_itself_from_another_commits(redis: Redis) -> None:
+    key, seen = naming.instance_key(2, "wf"), naming.seen_key(2, "wf")
+    script = CommitScript()
+    first = guarded(key, seen, 0)
+    [applied] = await script.run(redis, [first])
+    assert first.landed(applied)
+    assert first.token is not None
+    assert await redis.hget(key, "c") == first.token.encode()  # stamped
+
+    [again] = await script.run(redis, [first])  # its script run again (a reply lost and retried)
+    other = guarded(key, seen, 0)  # the same message decided elsewhere: another commit
+    [theirs] = await script.run(redis, [other])
+
+    assert (again.outcome, theirs.outcome) == (Outcome.DUPLICATE, Outcome.DUPLICATE)
+    assert first.landed(again)
+    assert not other.landed(theirs)
+    assert await redis.hget(key, "v") == b"1"
+
+
+async def test_a_duplicate_of_an_unguarded_commit_is_plain(redis: Redis) -> None:
+    record = naming.outcome_key(2, "payment", "m-1")
+    commit = Commit().once(record, "[]")
+    [_, again] = await CommitScript().run(redis, [commit, commit])
+    assert (again.outcome, again.value, again.guarded_by) == (Outcome.DUPLICATE, "[]", None)
+    assert commit.token is None
+    assert not commit.landed(again)
