@@ -5,9 +5,8 @@
 --   indexes into KEYS), in this order when present:
 --     dedupe k member   skip the whole commit if member is in set k
 --     once k value      skip the whole commit if k exists (returns its value)
---     guard k expected mark token  hash field 'v' of k must equal expected (0 = absent),
---                       and field 'm' must equal mark when mark is not '' and 'm' exists;
---                       once applied, the commit stamps token into k's field 'c'
+--     guard k expected mark  hash field 'v' of k must equal expected (0 = absent), and
+--                       field 'm' must equal mark when mark is not '' and 'm' exists
 --     requires k member member must already be in set k (an earlier commit applied)
 --   then the writes, each a name, a count n and n arguments, applied in order:
 --     hset k f v ...   rpush k v ...   xadd k maxlen|'' f v ...   xdel k id
@@ -17,9 +16,9 @@
 -- A duplicate still acks: its work was done by the commit that recorded it.
 -- Returns {'ok', '', id, ...} (the ids the xadds appended, in order; just {'ok'}
 -- when there were none) | {'dup', value?} | {'conflict', current_version}.  A dedupe
--- duplicate of a guarded commit answers {'dupof', token} with the token the guarded
--- hash carries: this commit's own when it is this commit, run again after its reply
--- was lost.
+-- duplicate of a guarded commit answers {'dupof', c} with the guarded hash's field 'c',
+-- where a guarded commit's hset writes its token: this commit's own when it is this
+-- commit, run again after its reply was lost.
 local argv = ARGV
 local acks = tonumber(argv[1])
 local i = 2 + 3 * acks
@@ -37,12 +36,12 @@ local function duplicate(j)
     if argv[j] == 'guard' then
       return {'dupof', redis.call('HGET', KEYS[tonumber(argv[j + 1])], 'c') or ''}
     end
-    j = j + (argv[j] == 'guard' and 5 or 3)
+    j = j + (argv[j] == 'guard' and 4 or 3)
   end
   return {'dup'}
 end
 
-local guarded, token
+local guarded
 while true do
   local op = argv[i]
   if op == 'dedupe' then
@@ -59,7 +58,7 @@ while true do
     end
     i = i + 3
   elseif op == 'guard' then
-    guarded, token = KEYS[tonumber(argv[i + 1])], argv[i + 4]
+    guarded = KEYS[tonumber(argv[i + 1])]
     local state = redis.call('HMGET', guarded, 'v', 'm')
     local current = state[1] or '0'
     if tonumber(current) ~= tonumber(argv[i + 2]) then
@@ -68,7 +67,7 @@ while true do
     if argv[i + 3] ~= '' and state[2] and state[2] ~= argv[i + 3] then
       return {'conflict', current}
     end
-    i = i + 5
+    i = i + 4
   elseif op == 'requires' then
     local set = KEYS[tonumber(argv[i + 1])]
     if redis.call('SISMEMBER', set, argv[i + 2]) == 0 then
@@ -129,7 +128,6 @@ while i <= last do
   end
   i = b + 1
 end
-if guarded then redis.call('HSET', guarded, 'c', token) end
 ack()
 if #added == 0 then return {'ok'} end
 return {'ok', '', unpack(added)}

@@ -62,8 +62,9 @@ class Commit:
     _writes: dict[str, list[list[str | bytes]]] = field(default_factory=dict)
     _acks: list[str] = field(default_factory=list)
     token: str | None = None
-    """Set by :meth:`guard`: stamped into the guarded hash (field ``c``) when the commit
-    applies, so that a duplicate of this very commit can be told from another's."""
+    """Set by :meth:`guard`: written into the guarded hash (field ``c``) by this commit's
+    :meth:`hset` of it, so that a duplicate of this very commit can be told from another's."""
+    _guarded: str | None = None
 
     def _k(self, key: str) -> str:
         index = self._index.get(key)
@@ -109,17 +110,21 @@ class Commit:
     def guard(self, key: str, expected_version: int, expected_mark: str = "") -> Commit:
         """Compare-and-set: hash field ``v`` of ``key`` must be ``expected_version`` (0 = no such
         hash) and, when ``expected_mark`` is given and the hash has field ``m``, ``m`` must equal it.
-        Once applied, the commit stamps its :attr:`token` into the hash's field ``c``."""
-        self.token = secrets.token_hex(8)
-        self._checks["guard"] = (self._k(key), str(expected_version), expected_mark, self.token)
+        An :meth:`hset` of ``key`` also writes this commit's :attr:`token` into field ``c``."""
+        self.token, self._guarded = secrets.token_hex(8), key
+        self._checks["guard"] = (self._k(key), str(expected_version), expected_mark)
         return self
 
     def landed(self, result: CommitResult) -> bool:
         """Whether this commit took effect: it did, or ``result`` is a duplicate of itself —
-        its script ran again after the reply was lost, and the first run had applied."""
+        its script ran again after the reply was lost, and the first run had applied.  Telling
+        the two duplicates apart needs a :meth:`dedupe`, a :meth:`guard` and an :meth:`hset` of
+        the guarded hash; without them any duplicate counts as another's."""
         return result.outcome is Outcome.OK or (self.token is not None and result.guarded_by == self.token)
 
     def hset(self, key: str, mapping: dict[str, str]) -> Commit:
+        if key == self._guarded and self.token is not None:
+            mapping = {**mapping, "c": self.token}
         return self._add("hset", key, *(item for pair in mapping.items() for item in pair))
 
     def rpush(self, key: str, *values: str) -> Commit:
