@@ -750,7 +750,12 @@ async def _catch_up(
     here: list[Position],
 ) -> None:
     """Send what happened between ``cursor`` and ``here``, partition by partition; each event's
-    cursor counts the partitions already sent as done up to ``here``."""
+    cursor counts the partitions already sent as done up to ``here``.  First, if some of it
+    is gone (trimmed: see :func:`_trimmed`), say so with a ``gap`` event."""
+    gone = await _trimmed(redis, streams, cursor)
+    if gone:
+        reason = "progress records after Last-Event-ID were trimmed (--progress-maxlen): lines are missing"
+        await response.write(_event("gap", {"partitions": gone, "reason": reason}))
     positions = list(cursor)
     for partition, stream in enumerate(streams):
         start, end = cursor[partition], here[partition]
@@ -774,3 +779,22 @@ async def _catch_up(
                 break
             low = "(" + page[-1][0].decode()
         positions[partition] = max(start, end)
+
+
+async def _trimmed(redis: Redis, streams: list[str], cursor: list[Position]) -> list[int]:
+    """The partitions whose progress records just after ``cursor`` may be gone: the stream
+    lost entries from its head and keeps none as old as the cursor.  Needs Redis 7 (XINFO
+    STREAM's ``entries-added``); with an older server nothing is reported."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xinfo_stream(stream)
+        infos = await pipe.execute(raise_on_error=False)
+    gone = []
+    for partition, (info, position) in enumerate(zip(infos, cursor, strict=True)):
+        if isinstance(info, Exception) or "entries-added" not in info:  # no such stream yet, or Redis 6
+            continue
+        length, added = int(info["length"]), int(info["entries-added"])
+        oldest = info["recorded-first-entry-id"] if length else info["last-generated-id"]
+        if added > length and entry_order(oldest) > position:
+            gone.append(partition)
+    return gone

@@ -45,6 +45,7 @@ IN_FLIGHT = (WorkflowStatus.RUNNING, WorkflowStatus.COMPENSATING, WorkflowStatus
 LIVE_REFRESH_PER_S = 4
 END = "end"
 OVERFLOW = "overflow"
+GAP = "gap"  # a resumed feed whose missed lines were trimmed: catch up over REST
 
 
 OUTCOMES = {
@@ -570,6 +571,9 @@ class _Overview:
 
     def _apply(self, events: Sequence[ServerSentEvent]) -> None:
         for event in events:
+            if event.event == GAP:  # lines lost: the next refresh reads the board again
+                self._dirty = True
+                continue
             if event.event in (OVERFLOW, END, "message"):
                 continue
             line = _decode(ProgressLine, _json(event), "a history line")

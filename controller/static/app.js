@@ -770,6 +770,11 @@ function onLine(line) {
 const renderRecentSoon = coalesce(renderRecent, 50);
 
 function onFeedEvent(type, data, id) {
+  if (type === "gap") {
+    // lines missed while away were trimmed before we came back: catch up over REST
+    refreshAll();
+    return;
+  }
   if (type === "overflow") {
     // the server dropped us for falling behind: resume where it says and catch up over REST
     try {

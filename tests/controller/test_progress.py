@@ -23,6 +23,7 @@ from controller.app import create_app
 from controller.instance import HistoryEntry, WorkflowStatus
 from controller.progress import ProgressHub, decode_cursor, encode_cursor
 from controller.settings import ControllerSettings
+from controller.store import workflow_id_for
 from tests.conftest import eventually
 from tests.controller.test_api import GREETING, Api, P
 
@@ -530,6 +531,43 @@ async def test_the_feed_resumes_after_last_event_id_without_gaps_or_duplicates(s
 
     assert sorted(lines(got + again)) == sorted(lines(reference.events))
     assert_no_gap_or_duplicate(got + again)
+
+
+async def test_a_resumed_feed_says_gap_for_the_partitions_whose_missed_lines_were_trimmed(
+    start: ControllerFactory, redis: Redis
+) -> None:
+    keys = _keys_by_partition()
+    controller = await start()
+
+    async def start_in(partition: int) -> str:
+        return await controller.api.start_order(headers={"Idempotency-Key": keys[partition].pop()})
+
+    leaving = await controller.stream("/v1/events")
+    await start_in(0)
+    [seen] = await leaving.take(1)
+    leaving.close()
+    for partition in (0, 1, 2):  # missed while away...
+        await start_in(partition)
+    for p in range(P):  # ...and trimmed meanwhile, as a small --progress-maxlen does
+        await redis.xtrim(naming.progress_stream(p), maxlen=0, approximate=False)
+    kept = await start_in(3)  # after the trim: still there
+
+    resumed = await controller.stream("/v1/events", headers={"Last-Event-ID": seen.id or ""})
+    gap, line = await resumed.take(2)
+
+    assert gap.event == "gap"
+    assert gap.data["partitions"] == [0, 1, 2]
+    assert line.data["workflow_id"] == kept  # and the feed goes on
+
+
+def _keys_by_partition() -> dict[int, list[str]]:
+    """Two Idempotency-Keys per partition: each starts an order in that partition."""
+    keys: dict[int, list[str]] = {p: [] for p in range(P)}
+    n = 0
+    while any(len(found) < 2 for found in keys.values()):
+        n += 1
+        keys[naming.partition_of(workflow_id_for("order", f"gap-{n}"), P)].append(f"gap-{n}")
+    return keys
 
 
 async def test_a_feed_cursor_resumes_on_another_controller_with_its_filter(start: ControllerFactory) -> None:

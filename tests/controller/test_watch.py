@@ -564,6 +564,19 @@ async def test_watch_all_prints_counts_and_a_line_per_event_when_not_on_a_termin
     assert lines[-1].endswith("workflow completed")
 
 
+async def test_watch_all_reads_the_board_again_after_a_gap_in_the_feed(controller: Controller) -> None:
+    shown, out = console()
+    async with watch.client_session() as session:
+        overview = watch._Overview(watch.ApiClient(session, controller.url), shown, asyncio.Event(), plain=True)
+        try:
+            gap = ServerSentEvent(event=watch.GAP, data='{"partitions": [1], "reason": "trimmed"}', id="c-9")
+            overview._apply([gap])  # no line to show, and not a line to decode
+            assert overview._dirty  # the next refresh reads every workflow's state over REST
+        finally:
+            await overview.aclose()
+    assert out.getvalue() == ""
+
+
 async def test_watch_all_on_a_terminal_shows_the_in_flight_workflows(controller: Controller) -> None:
     api = controller.api
     shown, out = console(terminal=True)
