@@ -10,6 +10,7 @@ import signal
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -357,37 +358,52 @@ def _worker_parser(sub: Any) -> None:
 # --- submit ------------------------------------------------------------------------
 
 
-async def _post(url: str, body: bytes, idempotency_key: str | None) -> tuple[int, str | None]:
-    """POST a start request; (exit status, the workflow id if it was accepted)."""
+async def _post(url: str, body: bytes, command: str, headers: dict[str, str] | None = None) -> _Posted | None:
+    """POST a JSON body to the API; None (after saying why on standard error) if it refused
+    or could not be reached."""
     import aiohttp
 
-    headers = {"Content-Type": "application/json"}
-    if idempotency_key:
-        headers["Idempotency-Key"] = idempotency_key
     try:
-        async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, data=body, headers={"Content-Type": "application/json", **(headers or {})}) as response,
+        ):
             text = await response.text()
             if response.status >= 400:
-                _print_problem(response.status, text)
-                return 1, None
-            accepted = orjson.loads(text)
-            location = response.headers.get("Location", "")
-            print(accepted["workflow_id"])
-            print(f"Location: {response.url.join(URL(location)) if location else '-'}")
-            if response.headers.get("Idempotent-Replayed") == "true":
-                print("(replayed: this Idempotency-Key was used before with the same body)", file=sys.stderr)
-            sys.stdout.flush()  # before a --watch view takes over standard output
-            return 0, str(accepted["workflow_id"])
+                _print_problem(response.status, text, command)
+                return None
+            return _Posted(orjson.loads(text), response.url, dict(response.headers))
     except aiohttp.ClientError as exc:
-        print(f"streamsaga submit: cannot reach the API at {url}: {exc}", file=sys.stderr)
+        print(f"streamsaga {command}: cannot reach the API at {url}: {exc}", file=sys.stderr)
+        return None
+
+
+@dataclass(frozen=True)
+class _Posted:
+    body: Any
+    url: URL
+    headers: dict[str, str]
+
+
+async def _start(url: str, body: bytes, idempotency_key: str | None) -> tuple[int, str | None]:
+    """POST a start request; (exit status, the workflow id if it was accepted)."""
+    posted = await _post(url, body, "submit", {"Idempotency-Key": idempotency_key} if idempotency_key else None)
+    if posted is None:
         return 1, None
+    location = posted.headers.get("Location", "")
+    print(posted.body["workflow_id"])
+    print(f"Location: {posted.url.join(URL(location)) if location else '-'}")
+    if posted.headers.get("Idempotent-Replayed") == "true":
+        print("(replayed: this Idempotency-Key was used before with the same body)", file=sys.stderr)
+    sys.stdout.flush()  # before a --watch view takes over standard output
+    return 0, str(posted.body["workflow_id"])
 
 
-def _print_problem(status: int, text: str) -> None:
+def _print_problem(status: int, text: str, command: str) -> None:
     from controller.event_source import problem_of
 
     problem = {"title": "error", **problem_of(text)}
-    print(f"streamsaga submit: {status} {problem.get('title', '')}: {problem.get('detail', '')}", file=sys.stderr)
+    print(f"streamsaga {command}: {status} {problem.get('title', '')}: {problem.get('detail', '')}", file=sys.stderr)
     for error in problem.get("errors") or []:
         print(f"  {error.get('field')}: {error.get('message')}", file=sys.stderr)
 
@@ -399,7 +415,7 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"streamsaga submit: {exc}", file=sys.stderr)
         return 1
     path = "/v1/orders" if args.workflow is None else f"/v1/workflows/{args.workflow}"
-    status, workflow_id = asyncio.run(_post(args.api.rstrip("/") + path, body, args.idempotency_key))
+    status, workflow_id = asyncio.run(_start(args.api.rstrip("/") + path, body, args.idempotency_key))
     if status or not args.watch or workflow_id is None:
         return status
     return _watch_run(args, workflow_id)
@@ -416,9 +432,57 @@ def _submit_parser(sub: Any) -> None:
     _add_api(p)
     p.add_argument("--idempotency-key", metavar="KEY", help="send this Idempotency-Key header")
     p.add_argument("--workflow", metavar="NAME", help="start workflow NAME instead of an order")
-    p.add_argument("--watch", action="store_true", help="then follow the workflow to its outcome, live")
-    _add_watch_options(p)
+    _add_then_watch(p)
     p.set_defaults(run=_submit)
+
+
+# --- cancel, retry --------------------------------------------------------------------
+
+
+async def _operator_post(url: str, body: bytes, command: str) -> int:
+    """POST an operator's request; prints the workflow's status after it, or the problem (exit 1)."""
+    posted = await _post(url, body, command)
+    if posted is None:
+        return 1
+    print(f"{posted.body['workflow_id']} {posted.body['status']}")
+    sys.stdout.flush()  # before a --watch view takes over standard output
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    body = orjson.dumps({key: value for key, value in (("by", args.by), ("reason", args.reason)) if value})
+    url = f"{args.api.rstrip('/')}/v1/workflows/{args.id}/{args.command}"
+    status = asyncio.run(_operator_post(url, body, args.command))
+    if status or not args.watch:
+        return status
+    return _watch_run(args, args.id)
+
+
+def _operator_parsers(sub: Any) -> None:
+    what = {
+        "cancel": (
+            "cancel a running workflow",
+            "Ask the controller to cancel a running workflow (POST /v1/workflows/ID/cancel): it compensates "
+            "what completed, last step first, once the steps already triggered have answered or timed out.",
+        ),
+        "retry": (
+            "retry the compensation of a workflow that needs attention",
+            "Ask the controller to resume the compensation of a workflow that needs attention "
+            "(POST /v1/workflows/ID/retry), each compensation that gave up with a fresh count of attempts.",
+        ),
+    }
+    for command, (summary, description) in what.items():
+        p = sub.add_parser(command, help=summary, description=textwrap.fill(
+            f"{description}  Prints the workflow id and its status after the request; exits 1 with the "
+            "problem's detail if the API refuses it (404: no such workflow, 409: not in a state that allows "
+            "it).  With --watch it then follows the workflow like `streamsaga watch ID`."
+        ), epilog="with --watch, " + EXIT_STATUS_HELP, formatter_class=_RAW)  # fmt: skip
+        p.add_argument("id", metavar="ID", help="the workflow id")
+        _add_api(p)
+        p.add_argument("--by", metavar="NAME", help="who asks, recorded in the history (default: the API's own)")
+        p.add_argument("--reason", metavar="TEXT", help="why, recorded in the history")
+        _add_then_watch(p)
+        p.set_defaults(run=_operator)
 
 
 # --- watch -------------------------------------------------------------------------
@@ -432,6 +496,11 @@ def _add_api(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get(API_ENV, DEFAULT_API),
         help=f"base URL of the API (default: ${API_ENV}, else {DEFAULT_API})",
     )
+
+
+def _add_then_watch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--watch", action="store_true", help="then follow the workflow to its outcome, live")
+    _add_watch_options(parser)
 
 
 def _add_watch_options(parser: argparse.ArgumentParser) -> None:
@@ -934,6 +1003,7 @@ def build_parser() -> argparse.ArgumentParser:
         _controller_parser,
         _worker_parser,
         _submit_parser,
+        _operator_parsers,
         _watch_parser,
         _contracts_parser,
         _ledger_parser,

@@ -23,6 +23,7 @@ from contracts.schema import file_name, schemas
 from controller.app import create_app
 from controller.cli import WORKER_DEFAULTS, build_parser, main
 from controller.embedded_redis import free_port
+from controller.exit_status import ExitCode
 from controller.settings import REDIS_URL_ENV, ControllerSettings
 from controller.store import WorkflowStore
 from tests.conftest import eventually
@@ -168,6 +169,53 @@ async def test_submit_reports_an_api_it_cannot_reach() -> None:
 
     assert run.returncode == 1
     assert "cannot reach the API" in run.stderr
+
+
+# --- cancel, retry ---------------------------------------------------------------------
+
+
+async def test_cancel_asks_the_controller_and_records_who_and_why(api_url: str, redis: Redis) -> None:
+    submitted = await cli("submit", "-", "--api", api_url, stdin=orjson.dumps(ORDER))
+    workflow_id = submitted.stdout.split()[0]
+
+    run = await cli("cancel", workflow_id, "--api", api_url, "--by", "alice", "--reason", "customer called")
+
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"{workflow_id} compensating\n"  # waiting for the running payment step
+    [request] = [h for h in await WorkflowStore(redis, P).history(workflow_id) if h.type == "CancelRequested"]
+    assert request.producer == "operator:alice"
+    instance = await WorkflowStore(redis, P).load(workflow_id)
+    assert instance is not None
+    assert instance.error == "cancelled by alice: customer called"
+
+
+async def test_cancel_with_watch_follows_the_workflow_after_the_request(api_url: str) -> None:
+    submitted = await cli("submit", "-", "--api", api_url, stdin=orjson.dumps(ORDER))
+    workflow_id = submitted.stdout.split()[0]
+
+    # no worker runs: the compensation waits for the payment step's deadline, past --timeout
+    run = await cli("cancel", workflow_id, "--api", api_url, "--watch", "--timeout", "1", "--plain")
+
+    assert run.returncode == ExitCode.TIMEOUT, run.stderr
+    assert run.stdout.startswith(f"{workflow_id} compensating\n")
+    assert "CancelRequested" in run.stdout
+    assert "still compensating" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "status"), [("cancel", "404 Workflow not found"), ("retry", "409 Not allowed in the workflow's state")]
+)
+async def test_an_operator_request_the_api_refuses_exits_1_with_the_problem(
+    api_url: str, command: str, status: str
+) -> None:
+    submitted = await cli("submit", "-", "--api", api_url, stdin=orjson.dumps(ORDER))
+    workflow_id = "no-such-workflow" if command == "cancel" else submitted.stdout.split()[0]  # running: no retry
+
+    run = await cli(command, workflow_id, "--api", api_url)
+
+    assert run.returncode == 1
+    assert run.stdout == ""
+    assert f"streamsaga {command}: {status}" in run.stderr
 
 
 # --- controller, ledger, arguments ----------------------------------------------------
