@@ -67,8 +67,8 @@ def key_kind(key: str) -> str:
 
 
 def instance_key(partition: int, workflow_id: str) -> str:
-    """Hash holding a workflow instance: ``v`` (version), ``m`` (when that version was
-    decided, µs), ``c`` (the token of the commit that wrote it) and ``s`` (state JSON)."""
+    """Hash holding a workflow instance: ``v`` (version), ``c`` (the token of the commit
+    that wrote it) and ``s`` (state JSON)."""
     return f"{_tag(partition)}:wf:{workflow_id}"
 
 

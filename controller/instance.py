@@ -73,6 +73,7 @@ class Instance(BaseModel):
     timers: dict[str, int] = Field(default_factory=dict, description="active timer name -> generation")
     idempotency_key: str | None = None
     request_hash: str | None = None
+    commit: str = Field(default="", description="the token of the commit that wrote this state")
 
     def step(self, name: str) -> StepState:
         for step in self.steps:
@@ -83,7 +84,7 @@ class Instance(BaseModel):
 
 # what the API shows of an instance: a list row, and the detail view (everything but these)
 SUMMARY_FIELDS: set[str] = {"workflow", "status", "created_at", "updated_at", "finished_at", "error"}
-HIDDEN_FIELDS: set[str] = {"id", "request_hash", "events"}
+HIDDEN_FIELDS: set[str] = {"id", "request_hash", "events", "commit"}
 
 
 class HistoryEntry(BaseModel):

@@ -75,11 +75,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
-def mark(instance: Instance) -> str:
-    """What tells two states of one version apart: when the state was decided, in µs."""
-    return str((instance.updated_at - _EPOCH) // _MICROSECOND)
-
-
 def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
@@ -256,16 +251,18 @@ class WorkflowStore:
         inst_key = naming.instance_key(p, instance.id)
         seen = naming.seen_key(p, instance.id)
         hist = naming.history_key(p, instance.id)
-        # the version and the mark of the state decided on: a cached instance whose
+        # the version and the commit of the state decided on: a cached instance whose
         # workflow took another course at the same version (its data lost in a failover,
         # or expired and started again) is refused, not committed on top of
-        commit = Commit().guard(inst_key, before.version if before else 0, mark(before) if before else "")
+        commit = Commit().guard(inst_key, before.version if before else 0, before.commit if before else "")
+        assert commit.token is not None
+        instance.commit = commit.token
         incoming = next((h for h in result.history if h.direction == "in"), None)
         dedupe_id = incoming.message_id if incoming else result.history[0].message_id
         commit.dedupe(seen, dedupe_id)
         if after is not None:
             commit.requires(seen, after)
-        commit.hset(inst_key, {"v": str(instance.version), "m": mark(instance), "s": instance.model_dump_json()})
+        commit.hset(inst_key, {"v": str(instance.version), "s": instance.model_dump_json()})
         lines = [entry.model_dump_json() for entry in result.history]
         commit.rpush(hist, *lines)
         for message in result.outgoing:

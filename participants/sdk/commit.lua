@@ -5,8 +5,9 @@
 --   indexes into KEYS), in this order when present:
 --     dedupe k member   skip the whole commit if member is in set k
 --     once k value      skip the whole commit if k exists (returns its value)
---     guard k expected mark  hash field 'v' of k must equal expected (0 = absent), and
---                       field 'm' must equal mark when mark is not '' and 'm' exists
+--     guard k expected token  hash field 'v' of k must equal expected (0 = absent), and
+--                       field 'c' (the token of the commit that wrote k) must equal token
+--                       when token is not '' and 'c' exists
 --     requires k member member must already be in set k (an earlier commit applied)
 --   then the writes, each a name, a count n and n arguments, applied in order:
 --     hset k f v ...   rpush k v ...   xadd k maxlen|'' f v ...   xdel k id
@@ -59,7 +60,7 @@ while true do
     i = i + 3
   elseif op == 'guard' then
     guarded = KEYS[tonumber(argv[i + 1])]
-    local state = redis.call('HMGET', guarded, 'v', 'm')
+    local state = redis.call('HMGET', guarded, 'v', 'c')
     local current = state[1] or '0'
     if tonumber(current) ~= tonumber(argv[i + 2]) then
       return {'conflict', current}

@@ -107,12 +107,13 @@ class Commit:
         self._checks["requires"] = (self._k(key), member)
         return self
 
-    def guard(self, key: str, expected_version: int, expected_mark: str = "") -> Commit:
+    def guard(self, key: str, expected_version: int, expected_token: str = "") -> Commit:
         """Compare-and-set: hash field ``v`` of ``key`` must be ``expected_version`` (0 = no such
-        hash) and, when ``expected_mark`` is given and the hash has field ``m``, ``m`` must equal it.
-        An :meth:`hset` of ``key`` also writes this commit's :attr:`token` into field ``c``."""
+        hash) and, when ``expected_token`` is given and the hash has field ``c``, ``c`` (the token
+        of the commit that wrote it) must equal it: the same version written by another commit
+        is refused.  An :meth:`hset` of ``key`` writes this commit's :attr:`token` into ``c``."""
         self.token, self._guarded = secrets.token_hex(8), key
-        self._checks["guard"] = (self._k(key), str(expected_version), expected_mark)
+        self._checks["guard"] = (self._k(key), str(expected_version), expected_token)
         return self
 
     def landed(self, result: CommitResult) -> bool:

@@ -63,9 +63,9 @@ async def test_commits_go_on_after_the_server_lost_the_script(redis: Redis) -> N
     assert [fields for _, fields in await entries(redis, stream)] == [{b"n": b"1"}, {b"n": b"2"}, {b"n": b"3"}]
 
 
-def guarded(key: str, seen: str, version: int, mark: str = "") -> Commit:
+def guarded(key: str, seen: str, version: int) -> Commit:
     """A commit of version ``version + 1`` of hash ``key``, deduplicated on message m-1."""
-    return Commit().guard(key, version, mark).dedupe(seen, "m-1").hset(key, {"v": str(version + 1), "m": "x"})
+    return Commit().guard(key, version).dedupe(seen, "m-1").hset(key, {"v": str(version + 1)})
 
 
 async def test_a_guarded_commit_tells_a_duplicate_of_itself_from_another_commits(redis: Redis) -> None:
@@ -94,3 +94,15 @@ async def test_a_duplicate_of_an_unguarded_commit_is_plain(redis: Redis) -> None
     assert (again.outcome, again.value, again.guarded_by) == (Outcome.DUPLICATE, "[]", None)
     assert commit.token is None
     assert not commit.landed(again)
+
+
+async def test_a_guard_refuses_the_same_version_written_by_another_commit(redis: Redis) -> None:
+    key = naming.instance_key(2, "wf")
+    script = CommitScript()
+    first = Commit().guard(key, 0).hset(key, {"v": "1"})
+    await script.run(redis, [first])
+    assert first.token is not None
+    [stale] = await script.run(redis, [Commit().guard(key, 1, "another-commit").hset(key, {"v": "2"})])
+    [fresh] = await script.run(redis, [Commit().guard(key, 1, first.token).hset(key, {"v": "2"})])
+    assert (stale.outcome, stale.value) == (Outcome.CONFLICT, "1")
+    assert fresh.outcome is Outcome.OK
