@@ -75,6 +75,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
+def mark(instance: Instance) -> str:
+    """When the state was decided, in µs: what controllers before the commit token
+    compared (hash field ``m``), still written so that they keep working beside this
+    one during a rolling upgrade or after a rollback."""
+    return str((instance.updated_at - _EPOCH) // _MICROSECOND)
+
+
 def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
@@ -262,7 +269,7 @@ class WorkflowStore:
         commit.dedupe(seen, dedupe_id)
         if after is not None:
             commit.requires(seen, after)
-        commit.hset(inst_key, {"v": str(instance.version), "s": instance.model_dump_json()})
+        commit.hset(inst_key, {"v": str(instance.version), "m": mark(instance), "s": instance.model_dump_json()})
         lines = [entry.model_dump_json() for entry in result.history]
         commit.rpush(hist, *lines)
         for message in result.outgoing:

@@ -13,7 +13,7 @@ from contracts import naming
 from contracts.definitions import ORDER_SAGA
 from contracts.envelope import utcnow
 from controller.instance import Instance, WorkflowStatus
-from controller.store import IdempotencyConflict, WorkflowStore, workflow_id_for
+from controller.store import IdempotencyConflict, WorkflowStore, mark, workflow_id_for
 from participants.sdk.commit import Commit, CommitResult, CommitScript
 from tests.controller.test_correlator import ORDER, P
 
@@ -128,3 +128,9 @@ async def test_the_progress_stream_keeps_about_as_many_records_as_asked(redis: R
     await asyncio.gather(*(capped.start(ORDER_SAGA, {"order": ORDER}, utcnow()) for _ in range(300)))
     # one record per start; trimming drops whole stream nodes (100 entries each) only
     assert 10 <= await redis.xlen(naming.progress_stream(0)) <= 110
+
+
+async def test_an_instance_keeps_the_mark_controllers_of_earlier_versions_compare(store: WorkflowStore) -> None:
+    instance, _ = await store.start(ORDER_SAGA, {"order": ORDER}, utcnow())
+    fields: Any = await store.redis.hmget(naming.instance_key(store.partition(instance.id), instance.id), "m", "c")
+    assert fields == [mark(instance).encode(), instance.commit.encode()]
