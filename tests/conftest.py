@@ -10,11 +10,14 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
+from contracts.definitions import WorkflowDefinition
 from controller.embedded_redis import EmbeddedRedis
 from participants.sdk.connection import connect
 
@@ -58,3 +61,9 @@ async def eventually(
         await asyncio.sleep(interval)
         value = await probe()
     return value
+
+
+def definitions_file(path: Path, *definitions: WorkflowDefinition) -> Path:
+    """``path`` holding ``definitions``, as `streamsaga controller --definitions` reads them."""
+    path.write_bytes(orjson.dumps([definition.model_dump(mode="json") for definition in definitions]))
+    return path

@@ -25,7 +25,7 @@ from contracts.messages import PAYLOADS
 from controller.app import create_app
 from controller.embedded_redis import free_port
 from controller.settings import ControllerSettings
-from tests.conftest import eventually
+from tests.conftest import definitions_file, eventually
 from tests.faults import RedisProxy
 
 P = 4
@@ -467,9 +467,7 @@ async def test_a_start_payload_that_does_not_fit_its_type_is_422(api: Api, body:
 async def test_a_loaded_definition_starts_with_any_object_and_is_correlated(
     serve: ApiFactory, redis_url: str, tmp_path: Path
 ) -> None:
-    path = tmp_path / "definitions.json"
-    path.write_bytes(orjson.dumps([GREETING.model_dump(mode="json")]))
-    api = await serve(settings(redis_url, definitions_path=path))
+    api = await serve(settings(redis_url, definitions_path=definitions_file(tmp_path / "defs.json", GREETING)))
     await ready(api)
 
     reply = await api.call("POST", "/v1/workflows/greeting", json={"to": "world"})
@@ -485,9 +483,7 @@ async def test_a_loaded_definition_starts_with_any_object_and_is_correlated(
 async def test_definitions_lists_every_loaded_definition_with_its_deadlines(
     serve: ApiFactory, redis_url: str, tmp_path: Path
 ) -> None:
-    path = tmp_path / "definitions.json"
-    path.write_bytes(orjson.dumps([GREETING.model_dump(mode="json")]))
-    api = await serve(settings(redis_url, definitions_path=path))
+    api = await serve(settings(redis_url, definitions_path=definitions_file(tmp_path / "defs.json", GREETING)))
 
     reply = await api.call("GET", "/v1/definitions")
 

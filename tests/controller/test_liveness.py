@@ -28,7 +28,7 @@ from controller.liveness import ConsumerView, Lag, ParticipantView, Subscription
 from participants.sdk import Message, Participant, Runner
 from participants.sdk.connection import connect
 from participants.workers import WORKER_NAMES, WorkerSettings, build
-from tests.conftest import eventually
+from tests.conftest import definitions_file, eventually
 from tests.controller import test_api
 from tests.controller.test_api import Api, ApiFactory, settings
 from tests.participants.helpers import PARTITIONS, envelope, fast_settings, publish, running
@@ -87,8 +87,7 @@ def gated_echo(gate: asyncio.Event) -> Participant:
 
 async def start(serve: ApiFactory, redis_url: str, tmp_path: Path, **changes: Any) -> Api:
     """The controller with the order and greeting definitions, ready."""
-    path = tmp_path / "definitions.json"
-    path.write_bytes(orjson.dumps([GREETING.model_dump(mode="json")]))
+    path = definitions_file(tmp_path / "definitions.json", GREETING)
     client = await serve(settings(redis_url, definitions_path=path, **changes))
     await eventually(lambda: client.call("GET", "/readyz"), lambda r: r.status == 200, what="readiness")
     return client

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from contracts import naming
 from contracts.definitions import CompensationDefinition, RetryPolicy, StepDefinition, WorkflowDefinition
 from contracts.envelope import Envelope, WorkflowRef, encode, new_message_id, utcnow
-from tests.conftest import eventually
+from tests.conftest import definitions_file, eventually
 from tests.controller import test_api
 from tests.controller.test_api import Api, ApiFactory, P, settings
 
@@ -103,8 +103,7 @@ async def scraped_until(api: Api, name: str, value: float, **labels: str) -> Scr
 
 
 async def serve_greeting(serve: ApiFactory, redis_url: str, tmp_path: Path) -> Api:
-    path = tmp_path / "greeting.json"
-    path.write_bytes(orjson.dumps([GREETING.model_dump(mode="json"), HURRY.model_dump(mode="json")]))
+    path = definitions_file(tmp_path / "greeting.json", GREETING, HURRY)
     client = await serve(settings(redis_url, definitions_path=path))
     await eventually(lambda: client.call("GET", "/readyz"), lambda r: r.status == 200, what="readiness")
     return client

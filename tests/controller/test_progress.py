@@ -24,7 +24,7 @@ from controller.instance import HistoryEntry, WorkflowStatus
 from controller.progress import ProgressHub, decode_cursor, encode_cursor
 from controller.settings import ControllerSettings
 from controller.store import workflow_id_for
-from tests.conftest import eventually
+from tests.conftest import definitions_file, eventually
 from tests.controller.test_api import GREETING, Api, P
 
 READ_TIMEOUT_S = 15.0  # a guard against a hung test, not a wait for anything
@@ -223,8 +223,7 @@ ControllerFactory = Callable[..., Awaitable[Controller]]
 @pytest.fixture
 async def start(redis: Redis, redis_url: str, tmp_path: Path) -> AsyncIterator[ControllerFactory]:
     """Start the app (correlator and all) with settings changed as given; stopped after the test."""
-    definitions = tmp_path / "definitions.json"
-    definitions.write_bytes(orjson.dumps([GREETING.model_dump(mode="json")]))
+    definitions = definitions_file(tmp_path / "definitions.json", GREETING)
     started: list[Controller] = []
 
     async def start(**changes: Any) -> Controller:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 from redis.asyncio import Redis
 
 from contracts import naming
@@ -244,8 +243,3 @@ def short_order_saga(**changes: Any) -> WorkflowDefinition:
             )
         steps.append(step.model_copy(update=update))
     return ORDER_SAGA.model_copy(update={"version": 2, "steps": tuple(steps), "sla_s": 60.0, **changes})
-
-
-def definitions_file(path: Path, definition: WorkflowDefinition) -> Path:
-    path.write_bytes(orjson.dumps([definition.model_dump(mode="json")]))
-    return path

@@ -23,7 +23,8 @@ from redis.asyncio import Redis
 
 from contracts import naming
 from contracts.envelope import Envelope, WorkflowRef, encode, new_message_id, utcnow
-from tests.e2e.deployment import PARTITIONS, Deployment, definitions_file, order, short_order_saga
+from tests.conftest import definitions_file
+from tests.e2e.deployment import PARTITIONS, Deployment, order, short_order_saga
 
 pytestmark = pytest.mark.e2e
 

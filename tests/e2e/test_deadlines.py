@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 
 from contracts.messages import TIMER_FIRED
 from participants.ledger import read_ledger
-from tests.e2e.deployment import SHIPPING_TIMEOUT_S, Deployment, definitions_file, order, short_order_saga
+from tests.conftest import definitions_file
+from tests.e2e.deployment import SHIPPING_TIMEOUT_S, Deployment, order, short_order_saga
 
 pytestmark = pytest.mark.e2e
 
