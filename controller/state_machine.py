@@ -252,14 +252,15 @@ class _Decider:
         if self.instance.status not in _ACTIVE:
             return None
         started: list[str] = []
-        steps = {step.name: step for step in self.instance.steps}
+        steps = self.instance.steps
         triggers = [self.definition.step_map[ended].trigger]
         while triggers:
-            trigger = triggers.pop()
-            for definition in self.definition.steps:
-                if definition.completed != trigger or definition.orchestrated:
+            for name, role in self.definition.roles.get(triggers.pop(), ()):
+                definition = self.definition.step_map[name]
+                if role is not Role.COMPLETED or definition.orchestrated:
                     continue  # (an orchestrated step ran on a command, sent once its trigger was read)
-                step = steps.get(definition.name)  # (None: a step added to the definition since)
+                # (none: a step added to the definition since the workflow started)
+                step = next((s for s in steps if s.name == name), None)
                 if step is not None and step.status is StepStatus.PENDING:
                     self.start_step(definition, step, None)
                     started.append(step.name)
@@ -369,7 +370,7 @@ class _Decider:
 
     def sla_breached(self) -> str | None:
         instance = self.instance
-        if instance.status not in (WorkflowStatus.RUNNING, WorkflowStatus.COMPENSATING):
+        if instance.status not in _ACTIVE:
             return None
         instance.sla_breached = True
         deadline = (instance.sla_deadline_at or self.now).isoformat()
@@ -454,7 +455,7 @@ class _Decider:
         if to_undo:
             instance.status = WorkflowStatus.COMPENSATING
             step = to_undo[0]
-            later = steps[[s.name for s in steps].index(step.name) + 1 :]
+            later = steps[steps.index(step) + 1 :]
             if any(self.may_need_undoing(s) for s in later):
                 return  # a later step may still complete: undo it first
             step.status = StepStatus.COMPENSATING

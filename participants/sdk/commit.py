@@ -190,9 +190,10 @@ class CommitScript:
 def _result(raw: Any) -> CommitResult:
     if isinstance(raw, Exception):  # not a script error: the connection's, say
         raise raw
-    if text(raw[0]) == "dupof":  # a dedupe duplicate of a guarded commit
+    kind = text(raw[0])
+    if kind == "dupof":  # a dedupe duplicate of a guarded commit
         return CommitResult(Outcome.DUPLICATE, guarded_by=text(raw[1]))
-    outcome = Outcome(text(raw[0]))
+    outcome = Outcome(kind)
     if outcome is Outcome.OK:
         return CommitResult(outcome, added=tuple(text(entry_id) for entry_id in raw[2:]))
     return CommitResult(outcome, text(raw[1]) if len(raw) > 1 else None)

@@ -278,8 +278,9 @@ class GroupReader:
         # one from each stream in turn, starting one stream further on every scan
         self._scans += 1
         start = self._scans % len(candidates) if candidates else 0
+        rotated = candidates[start:] + candidates[:start]
         for depth in range(max((len(due) for due in candidates), default=0)):
-            for due in candidates[start:] + candidates[:start]:
+            for due in rotated:
                 if depth < len(due):
                     stream, entry_id, deliveries = due[depth]
                     exhausted = deliveries >= self.policy.max_deliveries
