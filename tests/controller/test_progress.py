@@ -552,10 +552,14 @@ async def test_a_resumed_feed_says_gap_for_the_partitions_whose_missed_lines_wer
     kept = await start_in(3)  # after the trim: still there
 
     resumed = await controller.stream("/v1/events", headers={"Last-Event-ID": seen.id or ""})
-    gap, line = await resumed.take(2)
+    server: Any = await redis.info("server")
 
-    assert gap.event == "gap"
-    assert gap.data["partitions"] == [0, 1, 2]
+    if int(str(server["redis_version"]).split(".")[0]) >= 7:
+        gap, line = await resumed.take(2)
+        assert gap.event == "gap"
+        assert gap.data["partitions"] == [0, 1, 2]
+    else:  # Redis 6.2 does not count what a stream trimmed (docs/api.md): no gap is told
+        [line] = await resumed.take(1)
     assert line.data["workflow_id"] == kept  # and the feed goes on
 
 
