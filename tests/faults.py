@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+
+from participants.sdk.connection import connect
 
 
 class RedisProxy:
@@ -93,3 +99,15 @@ class RedisProxy:
         for writer in (client_out, upstream_out):
             writer.close()
             self._open.discard(writer)
+
+
+@contextlib.asynccontextmanager
+async def through_proxy(redis_url: str) -> AsyncIterator[tuple[RedisProxy, Redis]]:
+    """A :class:`RedisProxy` in front of ``redis_url`` and a client connected through it,
+    both closed on leaving."""
+    async with RedisProxy(redis_url) as proxy:
+        client = connect(proxy.url)
+        try:
+            yield proxy, client
+        finally:
+            await client.aclose()

@@ -606,7 +606,7 @@ async def test_an_outage_is_503_for_every_request_and_one_warning_in_the_log(
     assert (await api.call("GET", "/v1/contracts")).status == 200  # needs no Redis: says nothing of it
     proxy.come_back()
     assert (await api.call("GET", "/v1/workflows")).status == 200
-    await eventually(lambda: api.call("GET", "/readyz"), lambda r: r.status == 200, what="ready again")
+    await ready(api)
 
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "controller.api"]
     outage = [line for line in lines if "the API's Redis requests" in line[1]]

@@ -174,9 +174,15 @@ async def test_submit_reports_an_api_it_cannot_reach() -> None:
 # --- cancel, retry ---------------------------------------------------------------------
 
 
+async def submitted(api_url: str) -> str:
+    """The id of an order submitted with `streamsaga submit`."""
+    run = await cli("submit", "-", "--api", api_url, stdin=orjson.dumps(ORDER))
+    assert run.returncode == 0, run.stderr
+    return run.stdout.split()[0]
+
+
 async def test_cancel_asks_the_controller_and_records_who_and_why(api_url: str, redis: Redis) -> None:
-    submitted = await cli("submit", "-", "--api", api_url, stdin=orjson.dumps(ORDER))
-    workflow_id = submitted.stdout.split()[0]
+    workflow_id = await submitted(api_url)
 
     run = await cli("cancel", workflow_id, "--api", api_url, "--by", "alice", "--reason", "customer called")
 
@@ -190,8 +196,7 @@ async def test_cancel_asks_the_controller_and_records_who_and_why(api_url: str, 
 
 
 async def test_cancel_with_watch_follows_the_workflow_after_the_request(api_url: str) -> None:
-    submitted = await cli("submit", "-", "--api", api_url, stdin=orjson.dumps(ORDER))
-    workflow_id = submitted.stdout.split()[0]
+    workflow_id = await submitted(api_url)
 
     # no worker runs: the compensation waits for the payment step's deadline, past --timeout
     run = await cli("cancel", workflow_id, "--api", api_url, "--watch", "--timeout", "1", "--plain")
@@ -208,8 +213,7 @@ async def test_cancel_with_watch_follows_the_workflow_after_the_request(api_url:
 async def test_an_operator_request_the_api_refuses_exits_1_with_the_problem(
     api_url: str, command: str, status: str
 ) -> None:
-    submitted = await cli("submit", "-", "--api", api_url, stdin=orjson.dumps(ORDER))
-    workflow_id = "no-such-workflow" if command == "cancel" else submitted.stdout.split()[0]  # running: no retry
+    workflow_id = "no-such-workflow" if command == "cancel" else await submitted(api_url)  # running: no retry
 
     run = await cli(command, workflow_id, "--api", api_url)
 

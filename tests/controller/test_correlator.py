@@ -21,10 +21,9 @@ from controller.definitions import Definitions
 from controller.instance import Instance, WorkflowStatus
 from controller.store import IdempotencyConflict, WorkflowStore
 from participants.sdk.commit import Outcome
-from participants.sdk.connection import connect
 from participants.sdk.consumer import RetryPolicy, entry_order
 from tests.conftest import eventually
-from tests.faults import RedisProxy
+from tests.faults import through_proxy
 
 P = 4
 HAPPY = ("OrderSubmitted", "PaymentCaptured", "InventoryReserved", "ShipmentScheduled", "CustomerNotified")
@@ -57,8 +56,10 @@ def store(redis: Redis) -> WorkflowStore:
     return WorkflowStore(redis, P)
 
 
-def correlator(store: WorkflowStore, consumer: str = "c-1", policy: RetryPolicy = FAST) -> Correlator:
-    return Correlator(store.redis, store, Definitions(), consumer, block_ms=20, policy=policy, pending_interval_s=0.05)
+def correlator(store: WorkflowStore, consumer: str = "c-1", policy: RetryPolicy = FAST, batch: int = 200) -> Correlator:
+    return Correlator(
+        store.redis, store, Definitions(), consumer, batch=batch, block_ms=20, policy=policy, pending_interval_s=0.05
+    )
 
 
 @pytest.fixture
@@ -496,8 +497,7 @@ async def test_readiness_follows_redis_outages_and_an_outage_is_logged_once(
     redis: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="controller.correlator")
-    async with RedisProxy(redis_url) as proxy:
-        client = connect(proxy.url)
+    async with through_proxy(redis_url) as (proxy, client):
         store = WorkflowStore(client, P)
         worker = correlator(store)
         stop, ready = asyncio.Event(), asyncio.Event()
@@ -518,7 +518,6 @@ async def test_readiness_follows_redis_outages_and_an_outage_is_logged_once(
         finally:
             stop.set()
             await task
-            await client.aclose()
     lines = [r.getMessage() for r in caplog.records if r.name == "controller.correlator"]
     assert sum("failed: ConnectionError" in line for line in lines) == 1, lines
     assert sum("works again" in line for line in lines) == 1, lines
@@ -531,8 +530,7 @@ async def test_readiness_follows_redis_outages_and_an_outage_is_logged_once(
 async def test_commits_whose_reply_was_lost_are_applied_once_and_counted_as_applied(
     redis: Redis, redis_url: str, events: list[str]
 ) -> None:
-    async with RedisProxy(redis_url) as proxy:
-        client = connect(proxy.url)
+    async with through_proxy(redis_url) as (proxy, client):
         store = WorkflowStore(client, P)
         instance = await start_order(store)
         worker = correlator(store)
@@ -543,10 +541,7 @@ async def test_commits_whose_reply_was_lost_are_applied_once_and_counted_as_appl
         assert len(entries) == len(events)  # one batch: chained commits in one pipeline
         # the connection's retry of the pipeline finds every commit made: each a duplicate
         proxy.drop_reply(b"EVALSHA", once=True)
-        try:
-            await worker.handle(entries)
-        finally:
-            await client.aclose()
+        await worker.handle(entries)
     assert proxy.dropped == 1
     assert (worker.applied, worker.duplicates, worker.conflicts) == (len(events), 0, 0)
     assert store.cache.get(instance.id) is not None  # kept, as after any commit of its own
@@ -574,7 +569,7 @@ async def test_a_backlog_is_applied_in_time_order_across_streams(redis: Redis) -
     await emit(store, envelope(late, "InventoryReserved"))
 
     # small batches: the PaymentCaptured streams take several reads, InventoryReserved one
-    worker = Correlator(redis, store, Definitions(), "c-1", batch=4, block_ms=20, policy=FAST)
+    worker = correlator(store, batch=4)
     async with correlating(worker):
         await eventually(lambda: counter(worker, "applied"), lambda n: n == 25, what="every event applied")
 
@@ -593,7 +588,7 @@ async def test_a_backlog_applied_out_of_time_order_still_compensates_the_last_st
         await emit(store, envelope(instance, "ShipmentFailed", {"reason": "country XX not served"}))
 
     # one entry per stream per read: more than the few batches held back for time order
-    worker = Correlator(redis, store, Definitions(), "c-1", batch=1, block_ms=20, policy=FAST)
+    worker = correlator(store, batch=1)
     async with correlating(worker):
         await eventually(lambda: counter(worker, "applied"), lambda n: n == 90, what="every event applied")
 

@@ -13,7 +13,7 @@ from controller.embedded_redis import EmbeddedRedis, bundled_server
 from participants.sdk.connection import connect, text
 from participants.sdk.consumer import READ_BOUND, GroupReader, RetryPolicy
 from tests.conftest import eventually
-from tests.faults import RedisProxy
+from tests.faults import through_proxy
 
 STREAM = naming.message_stream(0, "Ping")
 POLICY = RetryPolicy(max_deliveries=5, base_ms=10, max_ms=10, claim_idle_ms=60_000)
@@ -151,21 +151,17 @@ async def test_entries_whose_claim_reply_was_lost_stay_pending_for_the_next_scan
     ids: list[Any] = [entry.id for entry in owned]
     await redis.xclaim(STREAM, "g", "dead", 0, ids, idle=60_000, justid=True)  # its owner died a minute ago
 
-    async with RedisProxy(redis_url) as proxy:
-        client = connect(proxy.url)
-        try:
-            policy = RetryPolicy(base_ms=1_000, claim_idle_ms=5_000)  # the check below comes well within the backoff
-            live = GroupReader(client, "g", "live", [STREAM], policy=policy)
-            proxy.drop_reply(b"XCLAIM", once=True)
-            # the claim lands but its reply is lost; the retry finds them no longer idle
-            assert await live.pending() == ([], [])
-            assert proxy.dropped == 1
-            owners = {entry_id: owner for entry_id, (owner, _) in (await pending_rows(redis)).items()}
-            assert owners == dict.fromkeys(ids, "live")
-            # not acked as if gone: after this consumer's backoff they are handed back
-            retry, _ = await eventually(live.pending, lambda found: bool(found[0]))
-        finally:
-            await client.aclose()
+    async with through_proxy(redis_url) as (proxy, client):
+        policy = RetryPolicy(base_ms=1_000, claim_idle_ms=5_000)  # the check below comes well within the backoff
+        live = GroupReader(client, "g", "live", [STREAM], policy=policy)
+        proxy.drop_reply(b"XCLAIM", once=True)
+        # the claim lands but its reply is lost; the retry finds them no longer idle
+        assert await live.pending() == ([], [])
+        assert proxy.dropped == 1
+        owners = {entry_id: owner for entry_id, (owner, _) in (await pending_rows(redis)).items()}
+        assert owners == dict.fromkeys(ids, "live")
+        # not acked as if gone: after this consumer's backoff they are handed back
+        retry, _ = await eventually(live.pending, lambda found: bool(found[0]))
     assert sorted(entry.id for entry in retry) == sorted(ids)
 
 
