@@ -68,6 +68,9 @@ class Instance(BaseModel):
     input: dict[str, Any]
     steps: list[StepState]
     error: str | None = None
+    cause: str | None = Field(
+        default=None, description="why compensation began; `error` says it too until a compensation gives up"
+    )
     sla_deadline_at: datetime | None = None
     sla_breached: bool = False
     timers: dict[str, int] = Field(default_factory=dict, description="active timer name -> generation")
@@ -84,7 +87,7 @@ class Instance(BaseModel):
 
 # what the API shows of an instance: a list row, and the detail view (everything but these)
 SUMMARY_FIELDS: set[str] = {"workflow", "status", "created_at", "updated_at", "finished_at", "error"}
-HIDDEN_FIELDS: set[str] = {"id", "request_hash", "events", "commit"}
+HIDDEN_FIELDS: set[str] = {"id", "request_hash", "events", "commit", "cause"}
 
 
 class HistoryEntry(BaseModel):

@@ -295,7 +295,7 @@ class _Decider:
 
     def begin_compensation(self, error: str) -> None:
         self.instance.status = WorkflowStatus.COMPENSATING
-        self.instance.error = error
+        self.instance.error = self.instance.cause = error
 
     # --- timers ------------------------------------------------------------------
 
@@ -417,8 +417,10 @@ class _Decider:
         if self.cause.type == CANCEL_REQUESTED:
             self.begin_compensation(f"cancelled by {said}")
             return None
-        # retry: every compensation that gave up starts over with a fresh attempt count
+        # retry: every compensation that gave up starts over with a fresh attempt count, and
+        # the workflow's error is again why it is compensating (not the give-up it was retried after)
         self.instance.status = WorkflowStatus.COMPENSATING
+        self.instance.error = self.instance.cause or self.instance.error
         for step in self.instance.steps:
             definition = self.definition.step_map[step.name]
             if (
@@ -499,7 +501,7 @@ class _Decider:
         assert definition.compensation is not None
         payload = {
             "step": step.name,
-            "reason": self.instance.error or "compensating",
+            "reason": self.instance.cause or self.instance.error or "compensating",
             "completed": step.result or {},
             # the same for every attempt: a participant may dedupe the undo on it
             "idempotency_key": f"{self.instance.id}/{step.name}/compensation",

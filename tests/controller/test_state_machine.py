@@ -441,8 +441,11 @@ def test_retry_by_an_operator_resumes_a_compensation_that_gave_up() -> None:
     assert saga.sent[-1] == "RefundPayment"
     assert saga.instance.step("payment").attempts == 1
     assert saga.history[-2].detail == "retry requested by ops@example.com: card updated"
+    # the workflow says again why it is compensating, and so does the retried command
+    assert saga.instance.error == saga.outgoing[-1].payload["reason"] == "inventory failed: short"
     saga.event("PaymentRefunded")
     assert saga.status() is WorkflowStatus.COMPENSATED
+    assert saga.instance.error == "inventory failed: short"
 
 
 def test_a_compensation_without_answer_is_resent_after_a_backoff() -> None:
