@@ -94,9 +94,11 @@ def workflow_heading(view: WorkflowView) -> str:
     )
 
 
-def step_facts(step: StepState | None, step_status: StepStatus | None) -> list[str]:
+def step_facts(step: StepState | None, step_status: StepStatus | None, current: bool = True) -> list[str]:
     """What the workflow's state adds to a line that moved ``step`` to ``step_status``:
-    how long the step or its compensation took, the deadline it runs against, attempts, its error."""
+    how long the step or its compensation took, and, when the line is the step's latest
+    (``current``), the deadline it runs against, attempts and its error — a later line
+    may have changed those since."""
     if step is None or step_status is None:
         return []
     facts: list[str] = []
@@ -108,23 +110,26 @@ def step_facts(step: StepState | None, step_status: StepStatus | None) -> list[s
         took = _between(step.compensation_started_at, step.compensated_at)
         if took:
             facts.append(f"compensated in {took}")
-    if step.status == step_status:  # the state still is the line's: its deadline and attempts are current
+    if current and step.status == step_status:  # the state still is the line's
         if step.deadline_at is not None and step_status in (StepStatus.RUNNING, StepStatus.COMPENSATING):
             facts.append(f"deadline {clock(step.deadline_at)}")
         if step.attempts > 1:
             facts.append(f"attempt {step.attempts}")
         if step.retrying:
             facts.append("retrying")
-    if step.error and step_status in (StepStatus.FAILED, StepStatus.TIMED_OUT, StepStatus.COMPENSATING):
+    ended = step_status in (StepStatus.FAILED, StepStatus.TIMED_OUT)  # an ended step's error stays its own
+    if step.error and (ended or (current and step_status is StepStatus.COMPENSATING)):
         facts.append(f"error: {step.error}")
     return facts
 
 
-def line_text(line: ProgressLine, view: WorkflowView | None) -> str:
+def line_text(line: ProgressLine, view: WorkflowView | None, latest: bool = True) -> str:
     """One history line: when, in or out, the message, the step and what it became, the
-    workflow's status after it, and what the state adds."""
-    facts = step_facts(view.step(line.step) if view else None, line.step_status)
+    workflow's status after it, and what the state adds (see :func:`step_facts`; ``latest``:
+    no later line is about the same step)."""
+    facts = step_facts(view.step(line.step) if view else None, line.step_status, latest)
     if line.detail:
+        facts = [fact for fact in facts if not fact.startswith("error: ")]  # the detail tells it for this line
         facts.append(line.detail)
     step_status = line.step_status.value if line.step_status else "-"
     text = (

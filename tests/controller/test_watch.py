@@ -441,7 +441,24 @@ async def test_watch_until_terminal_waits_through_an_operators_retry(controller:
         code = await task
 
     assert code == ExitCode.COMPENSATED
-    assert out.getvalue().splitlines()[-1].endswith("(exit 3)")
+    last = out.getvalue().splitlines()[-1]
+    assert last.endswith(": ship failed: no truck (exit 3)"), last  # why it was compensated, not the give-up
+
+
+async def test_a_replayed_line_shows_what_the_state_was_then_not_what_came_later(controller: Controller) -> None:
+    workflow_id = await compensating_charge(controller)
+    await controller.api.emit(workflow_id, "UnchargeFailed", {"reason": "card closed"}, workflow="charge")
+    await controller.api.until_status(workflow_id, "needs_attention")
+    shown, out = console()
+
+    async with watching(controller, workflow_id, shown) as task:
+        assert await task == ExitCode.NEEDS_ATTENTION
+
+    lines = out.getvalue().splitlines()
+    sent = next(line for line in lines if " out Uncharge " in line)
+    assert "card closed" not in sent, sent  # the undo failed after this line, not before
+    failed = next(line for line in lines if " in  UnchargeFailed " in line)
+    assert failed.count("card closed") == 1, failed  # the line's detail, not the step's error again
 
 
 async def test_watch_on_a_terminal_draws_a_live_table_of_the_steps(controller: Controller) -> None:
