@@ -365,9 +365,9 @@ class _WorkflowFollower:
         self.lines.extend(new)
         self.view = await self.api.workflow(self.workflow_id)
         if not self.live_view:
-            last = {line.step: line.seq for line in sorted(self.lines, key=lambda line: line.seq)}
+            latest = {line.step: line.seq for line in sorted(self.lines, key=lambda line: line.seq)}
             for line in new:
-                terminal.plain(self.console, terminal.line_text(line, self.view, last[line.step] == line.seq))
+                terminal.plain(self.console, terminal.line_text(line, self.view, latest[line.step] == line.seq))
         elif self._live is not None:
             self._live.refresh()
         if end is not None:
