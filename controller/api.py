@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -43,6 +44,7 @@ from controller.errors import (
     UnsupportedMediaType,
     WorkflowNotFound,
     WorkflowStateConflict,
+    field_errors,
 )
 from controller.instance import HIDDEN_FIELDS, SUMMARY_FIELDS, Instance, WorkflowStatus
 from controller.progress import FeedFilter, ProgressHub, decode_cursor, stream_feed, stream_workflow
@@ -54,6 +56,8 @@ from participants.sdk.connection import REFUSING_WRITES
 from participants.sdk.logs import Outage
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_BODY_BYTES = openapi.MAX_BODY_BYTES
 MAX_LIST_LIMIT = openapi.MAX_LIST_LIMIT
@@ -219,9 +223,25 @@ def _sla_seconds(request: web.Request, definition: WorkflowDefinition) -> float 
     return requested
 
 
-async def _start(request: web.Request, definition: WorkflowDefinition, payload: dict[str, Any]) -> web.Response:
-    key = _idempotency_key(request)
-    sla_s = _sla_seconds(request, definition)
+def _checked(check: Callable[[], T], found: list[FieldError]) -> T | None:
+    """``check()``, or None with its problems added to ``found`` when it raises InvalidInput."""
+    try:
+        return check()
+    except InvalidInput as exc:
+        found.extend(exc.errors)
+        return None
+
+
+async def _start(
+    request: web.Request, definition: WorkflowDefinition, payload: dict[str, Any] | None, invalid: list[FieldError]
+) -> web.Response:
+    """Start ``definition`` with ``payload``; 422 listing what is wrong with the body (``invalid``, with
+    ``payload`` None) and with the request's Idempotency-Key and ``?sla_seconds=`` at once."""
+    key = _checked(lambda: _idempotency_key(request), invalid)
+    sla_s = _checked(lambda: _sla_seconds(request, definition), invalid)
+    if invalid:
+        raise InvalidInput(invalid)
+    assert payload is not None
     traceparent = _traceparent(request)
     try:
         instance, created = await request.app[STORE].start(
@@ -256,12 +276,12 @@ async def _start(request: web.Request, definition: WorkflowDefinition, payload: 
 async def start_order(request: web.Request) -> web.Response:
     """Start an order saga; the body is an ``OrderIn``."""
     body = await _json_body(request)
+    definition = request.app[DEFINITIONS].latest(ORDER_SAGA.name)
     try:
         order = OrderIn.model_validate(body)
     except ValidationError as exc:
-        raise InvalidInput.from_validation(exc) from None
-    definition = request.app[DEFINITIONS].latest(ORDER_SAGA.name)
-    return await _start(request, definition, {"order": order.model_dump(mode="json", exclude_none=True)})
+        return await _start(request, definition, None, field_errors(exc))
+    return await _start(request, definition, {"order": order.model_dump(mode="json", exclude_none=True)}, [])
 
 
 @routes.post("/v1/workflows/{name}")
@@ -275,14 +295,15 @@ async def start_workflow(request: web.Request) -> web.Response:
         raise DefinitionNotFound(name, definitions.names()) from None
     body = await _json_body(request)
     if not isinstance(body, dict):
-        raise InvalidInput.of("body", f"must be a JSON object: the payload of {definition.start}")
+        invalid = [FieldError("body", f"must be a JSON object: the payload of {definition.start}")]
+        return await _start(request, definition, None, invalid)
     model = PAYLOADS.get(definition.start)  # a type without a registered model takes any object
     if model is not None:
         try:
             model.model_validate(body)
         except ValidationError as exc:
-            raise InvalidInput.from_validation(exc) from None
-    return await _start(request, definition, body)
+            return await _start(request, definition, None, field_errors(exc))
+    return await _start(request, definition, body, [])
 
 
 @routes.get("/v1/workflows")

@@ -99,7 +99,7 @@ IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
 
 # Problem answers, by status: components.responses name and description.
 PROBLEMS = {
-    400: ("MalformedBody", "The body is not JSON, or not a JSON object."),
+    400: ("MalformedBody", "The body is not JSON."),
     404: ("NotFound", "No such resource (workflow, definition, dead letter or route)."),
     409: ("Conflict", "The request conflicts with the resource's state or an earlier request."),
     413: ("BodyTooLarge", f"The body exceeds {MAX_BODY_BYTES >> 20} MiB."),

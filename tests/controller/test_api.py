@@ -325,6 +325,16 @@ async def test_an_unusable_idempotency_key_is_rejected(api: Api) -> None:
     assert_problem(reply, 422, "Idempotency-Key")
 
 
+@pytest.mark.parametrize("path", ["/v1/orders", "/v1/workflows/order"])
+async def test_one_answer_lists_what_is_wrong_in_the_body_the_headers_and_the_query(api: Api, path: str) -> None:
+    bad = changed("items.0.quantity", 0)
+    body = {"order": bad} if path.endswith("/order") else bad  # the start event's payload, or the order
+    reply = await api.call("POST", f"{path}?sla_seconds=-1", json=body, headers={"Idempotency-Key": "k" * 201})
+
+    assert_problem(reply, 422, "order.items.0.quantity" if path.endswith("/order") else "items.0.quantity")
+    assert [error["field"] for error in reply.body["errors"]][1:] == ["Idempotency-Key", "sla_seconds"]
+
+
 # --- bad input ----------------------------------------------------------------------
 
 BAD_ORDERS = [
