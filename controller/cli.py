@@ -540,8 +540,7 @@ def _watch_run(args: argparse.Namespace, workflow_id: str | None) -> int:
 
 def _watch(args: argparse.Namespace) -> int:
     if (args.id is not None) == args.all:
-        given = "both an ID and --all" if args.all else "neither an ID nor --all"
-        args.parser.error(f"give a workflow ID or --all, not {given}")  # exits 2
+        args.parser.error("give a workflow ID or --all, not both" if args.all else "give a workflow ID or --all")
     if args.all and args.until_terminal:
         args.parser.error("--until-terminal applies to one workflow, not to --all")
     return _watch_run(args, args.id)
@@ -609,9 +608,15 @@ async def read_settled_ledger(redis_url: str, partitions: int, name: str) -> Led
 
 
 def _ledger(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
     from participants.ledger import format_ledger
 
-    ledger = asyncio.run(read_settled_ledger(args.redis_url, args.partitions, "streamsaga-ledger"))
+    try:
+        ledger = asyncio.run(read_settled_ledger(args.redis_url, args.partitions, "streamsaga-ledger"))
+    except (RedisError, OSError) as exc:
+        print(f"streamsaga ledger: cannot use Redis at {args.redis_url}: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         shown = {
             **ledger.model_dump(mode="json"),
@@ -630,10 +635,11 @@ def _ledger_parser(sub: Any) -> None:
     p = sub.add_parser("ledger", help="show the example workers' ledgers", description=(
         "Show what the example workers recorded — payments and refunds, reservations and releases, "
         "shipments and cancellations — beside each workflow's status, and whether they balance (exit 1 if "
-        "they do not): stock is conserved, nothing is refunded beyond its capture, a completed order kept "
-        "everything and a failed or compensated one kept nothing.  Run it once no workflow is running: an "
-        "order whose late completion has not reached the controller yet shows as not balancing.  --partitions "
-        "must be the deployment's, or no workflow is found and no order is checked (the count is shown)."
+        "they do not, 2 if Redis cannot be read): stock is conserved, nothing is refunded beyond its "
+        "capture, a completed order kept everything and a failed or compensated one kept nothing.  Run it "
+        "once no workflow is running: an order whose late completion has not reached the controller yet "
+        "shows as not balancing.  --partitions must be the deployment's, or no workflow is found and no "
+        "order is checked (the count is shown)."
     ))  # fmt: skip
     _add_redis_url(p)
     _add_partitions(p)
@@ -944,9 +950,9 @@ def _dev_parser(sub: Any) -> None:
     p = sub.add_parser("dev", help="run everything locally with sample orders", description=(
         "Start Redis (an embedded server under DATA_DIR/redis unless --redis-url or $STREAMSAGA_REDIS_URL "
         "is given), the controller and the four example workers as child processes (their logs go to "
-        "DATA_DIR/logs), submit sample orders that complete, fail and compensate, show their progress "
-        "live, print the ledger, and keep running until Ctrl-C.  Stopping stops every child and the "
-        "embedded Redis."
+        "DATA_DIR/logs, begun afresh each run), submit sample orders that complete, fail and compensate, "
+        "show their progress live, print the ledger, and keep running until Ctrl-C, saying how to point "
+        "the other commands at it.  Stopping stops every child and the embedded Redis."
     ))  # fmt: skip
     p.add_argument(
         "--redis-url",

@@ -140,7 +140,7 @@ class Children:
     def spawn(self, name: str, *args: str) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        log_file = log_path.open("ab")
+        log_file = log_path.open("wb")  # this run's log only: an earlier run's lines would bury its errors
         process = subprocess.Popen(
             [sys.executable, "-m", "controller", "--log-level", self.log_level, "--log-format", self.log_format, *args],
             stdin=subprocess.DEVNULL,
@@ -352,7 +352,10 @@ async def run_dev(options: DevOptions) -> int:
             try:
                 all_ok = await _session(options, redis_url, children, stop)
                 if not options.exit_when_done and not stop.is_set():
-                    say(f"\ndev: running; API on http://127.0.0.1:{options.port}; Ctrl-C stops everything")
+                    api = f"http://127.0.0.1:{options.port}"
+                    say(f"\ndev: running; API on {api}; Ctrl-C stops everything")
+                    say(f"dev: from another shell: export STREAMSAGA_REDIS_URL={redis_url} STREAMSAGA_API={api}")
+                    say("     then: streamsaga submit examples/order.json --watch; streamsaga ledger")
                     await _keep_running(children, stop)
             finally:
                 await children.stop()

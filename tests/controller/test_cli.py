@@ -61,12 +61,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-async def cli(*args: str, stdin: bytes | None = None, cwd: Path | None = None) -> Run:
-    """Run ``python -m controller ARGS`` to completion (at most CLI_TIMEOUT_S), without blocking the event loop."""
+async def cli(
+    *args: str, stdin: bytes | None = None, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> Run:
+    """Run ``python -m controller ARGS`` to completion (at most CLI_TIMEOUT_S), without blocking the event loop;
+    ``env``: variables to set on top of the test run's (less the STREAMSAGA_ ones :func:`_env` drops)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "controller", *args,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        cwd=cwd, env=_env(),
+        cwd=cwd, env={**_env(), **(env or {})},
     )  # fmt: skip
     try:
         async with asyncio.timeout(CLI_TIMEOUT_S):
@@ -128,9 +131,10 @@ async def test_contracts_export_without_out_prints_every_schema_as_one_object() 
 # --- submit -------------------------------------------------------------------------
 
 
-async def test_submit_prints_the_workflow_id_and_its_location(api_url: str, redis: Redis, tmp_path: Path) -> None:
-    order = tmp_path / "order.json"
-    order.write_bytes(orjson.dumps(ORDER))
+async def test_submit_of_the_readmes_example_file_prints_the_workflow_id_and_its_location(
+    api_url: str, redis: Redis
+) -> None:
+    order = Path(__file__).parents[2] / "examples" / "order.json"
 
     run = await cli("submit", str(order), "--api", api_url)
 
@@ -139,7 +143,7 @@ async def test_submit_prints_the_workflow_id_and_its_location(api_url: str, redi
     assert location == f"Location: {api_url}/v1/workflows/{workflow_id}"
     instance = await WorkflowStore(redis, P).load(workflow_id)
     assert instance is not None
-    assert instance.input["order"]["customer_id"] == ORDER["customer_id"]
+    assert instance.input["order"]["items"] == orjson.loads(order.read_bytes())["items"]
 
 
 async def test_submit_reads_standard_input_and_sends_the_idempotency_key(api_url: str) -> None:
@@ -293,6 +297,15 @@ async def test_ledger_of_an_empty_redis_balances(redis: Redis, redis_url: str) -
     assert ledger["orders"] == []
 
 
+async def test_ledger_of_a_redis_it_cannot_reach_says_so_and_exits_2() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    run = await cli("ledger", "--redis-url", url)
+
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"streamsaga ledger: cannot use Redis at {url}: "), run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_worker_help_states_the_workers_own_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     from participants.workers import WorkerSettings
 
@@ -377,10 +390,19 @@ async def test_dev_stops_every_process_on_sigterm(tmp_path: Path) -> None:
     output: list[str] = []
     try:
         async with asyncio.timeout(90):
-            while not (output and output[-1].startswith("dev: running")):
+            while not (output and output[-1].lstrip().startswith("then: streamsaga submit")):
                 line = await process.stdout.readline()
                 assert line, "dev ended before it was running:\n" + "".join(output)
                 output.append(line.decode())
+        # what it says to run from another shell reaches its Redis
+        exported = re.search(r"export (STREAMSAGA_REDIS_URL=\S+) (STREAMSAGA_API=\S+)", "".join(output))
+        assert exported is not None, "".join(output)
+        env = dict(assignment.split("=", 1) for assignment in exported.groups())
+        started_at = re.escape(env["STREAMSAGA_REDIS_URL"])
+        assert re.search(rf"started embedded redis-server \(pid \d+\) at {started_at},", "".join(output))
+        ledger = await cli("ledger", "--json", env=env)
+        assert ledger.returncode == 0, ledger.stderr
+        assert len(orjson.loads(ledger.stdout)["orders"]) == len(DEV_OUTCOMES) - 1  # the declined one records none
         process.send_signal(signal.SIGTERM)
         rest, _ = await asyncio.wait_for(process.communicate(), 30)
     finally:
