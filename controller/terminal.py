@@ -3,18 +3,21 @@
 Plain lines are for pipes, CI and tests: stable columns, UTC clock times with
 milliseconds, no colour.  The live views (:func:`workflow_panel`, :func:`board_panel`)
 are ``rich`` renderables that ``rich.live.Live`` redraws a few times a second, so
-durations and the time left to a deadline count on their own.
+durations and the time left to a deadline count on their own.  They lay themselves
+out for the width they are given: below :data:`WIDE` columns they leave out what an
+80-column terminal has no room for rather than cut every cell short.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.table import Table
 from rich.text import Text
 
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
     from controller.watch import Board, ProgressLine, WorkflowView
 
 TIMELINE_ROWS = 12
+WIDE = 120
+"""Columns a live view needs for all of its columns; narrower, it shows those a terminal cannot do without."""
 STATUS_STYLES = {
     "running": "cyan",
     "pending": "dim",
@@ -150,17 +155,78 @@ def outcome_text(view: WorkflowView, status: WorkflowStatus, code: int) -> str:
 # --- one workflow, live ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Column:
+    name: str
+    wide_only: bool = False  # left out below WIDE columns
+    wraps: bool = False  # the one column that takes what room is left, wrapping
+
+
+@dataclass(frozen=True)
+class _FitToWidth:
+    """A renderable built for the width rich gives it."""
+
+    build: Callable[[bool], RenderableType]  # called with whether the room is narrow
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.build(options.max_width < WIDE)
+
+
+def _table(
+    columns: Sequence[Column], rows: Sequence[Sequence[RenderableType]], narrow: bool, title: str | None = None
+) -> Table:
+    """A table of the columns that fit (all of them unless ``narrow``), the rows cut to match."""
+    shown = [i for i, column in enumerate(columns) if not (narrow and column.wide_only)]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=title, title_justify="left")
+    for i in shown:
+        table.add_column(columns[i].name, no_wrap=not columns[i].wraps)
+    for row in rows:
+        table.add_row(*(row[i] for i in shown))
+    return table
+
+
 def _styled(status: str | None) -> Text:
     if status is None:
         return Text("-", style="dim")
     return Text(status, style=STATUS_STYLES.get(status, ""))
 
 
-def _step_row(step: StepState, now: datetime) -> list[RenderableType]:
+STEP_COLUMNS = (
+    Column("STEP"),
+    Column("PARTICIPANT", wide_only=True),
+    Column("STATUS"),
+    Column("STARTED", wide_only=True),
+    Column("TOOK"),
+    Column("DEADLINE"),
+    Column("COMPENSATION"),
+    Column("TRIES", wide_only=True),
+    Column("ERROR", wraps=True),
+)
+TIMELINE_COLUMNS = (
+    Column("AT"),
+    Column(""),
+    Column("TYPE"),
+    Column("STEP", wide_only=True),
+    Column("STEP STATUS"),
+    Column("WORKFLOW", wide_only=True),
+    Column("DETAIL", wraps=True),
+)
+BOARD_COLUMNS = (
+    Column("WORKFLOW"),
+    Column("DEFINITION", wide_only=True),
+    Column("STATUS"),
+    Column("STEP"),
+    Column("AGE"),
+    Column("LAST EVENT", wide_only=True),
+)
+
+
+def _step_row(step: StepState, now: datetime, narrow: bool) -> list[RenderableType]:
     took = _between(step.started_at, step.finished_at or (now if step.status == StepStatus.RUNNING else None))
     deadline = ""
     if step.deadline_at is not None and step.status in (StepStatus.RUNNING, StepStatus.COMPENSATING):
-        deadline = f"{clock(step.deadline_at)} ({_until(step.deadline_at, now)})"
+        left = _until(step.deadline_at, now)
+        deadline = left if narrow else f"{clock(step.deadline_at)} ({left})"
     compensation = ""
     if step.compensation_started_at is not None:
         if step.compensated_at is not None:
@@ -184,6 +250,10 @@ def _step_row(step: StepState, now: datetime) -> list[RenderableType]:
 
 def workflow_panel(view: WorkflowView, lines: Sequence[ProgressLine], now: datetime) -> RenderableType:
     """The live view of one workflow: its status, a table of steps, and the latest lines."""
+    return _FitToWidth(lambda narrow: _workflow_panel(view, lines, now, narrow))
+
+
+def _workflow_panel(view: WorkflowView, lines: Sequence[ProgressLine], now: datetime, narrow: bool) -> RenderableType:
     end = view.finished_at or now
     heading = Text.assemble(
         (f"{view.workflow.name} v{view.workflow.version}", "bold"),
@@ -195,16 +265,9 @@ def workflow_panel(view: WorkflowView, lines: Sequence[ProgressLine], now: datet
         heading.append(f"  SLA {clock(view.sla_deadline_at)} ({_until(view.sla_deadline_at, now)})")
     if view.error:
         heading.append(f"\n{view.error}", style="red")
-    steps = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("STEP", "PARTICIPANT", "STATUS", "STARTED", "TOOK", "DEADLINE", "COMPENSATION", "TRIES", "ERROR"):
-        steps.add_column(column, no_wrap=column != "ERROR")
-    for step in view.steps:
-        steps.add_row(*_step_row(step, now))
-    timeline = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="latest events", title_justify="left")
-    for column in ("AT", "", "TYPE", "STEP", "STEP STATUS", "WORKFLOW", "DETAIL"):
-        timeline.add_column(column, no_wrap=column != "DETAIL")
-    for line in lines[-TIMELINE_ROWS:]:
-        timeline.add_row(
+    steps = _table(STEP_COLUMNS, [_step_row(step, now, narrow) for step in view.steps], narrow)
+    events: list[list[RenderableType]] = [
+        [
             clock(line.at),
             line.direction,
             line.type,
@@ -212,7 +275,10 @@ def workflow_panel(view: WorkflowView, lines: Sequence[ProgressLine], now: datet
             _styled(line.step_status.value if line.step_status else None),
             _styled(line.status.value),
             line.detail or "",
-        )
+        ]
+        for line in lines[-TIMELINE_ROWS:]
+    ]
+    timeline = _table(TIMELINE_COLUMNS, events, narrow, title="latest events")
     return Group(heading, steps, timeline)
 
 
@@ -235,27 +301,32 @@ def feed_line_text(line: ProgressLine) -> str:
 
 def board_panel(board: Board, now: datetime, height: int) -> RenderableType:
     """The live view of ``watch --all``: counts by status, then the in-flight workflows, oldest first."""
-    counts = Text("  ").join(
+    return _FitToWidth(lambda narrow: _board_panel(board, now, height, narrow))
+
+
+def _board_panel(board: Board, now: datetime, height: int, narrow: bool) -> RenderableType:
+    counts = Text(" " if narrow else "  ").join(
         Text.assemble(_styled(status.value), f" {board.counts.get(status, 0)}") for status in WORKFLOW_ORDER
     )
-    rows = sorted(board.in_flight.values(), key=lambda row: row.created_at)
+    in_flight = sorted(board.in_flight.values(), key=lambda row: row.created_at)
     room = max(3, height - 8)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"in flight: {len(rows)}", title_justify="left")
-    for column in ("WORKFLOW", "DEFINITION", "STATUS", "STEP", "AGE", "LAST EVENT"):
-        table.add_column(column, no_wrap=True)
-    for row in rows[:room]:
+    rows: list[list[RenderableType]] = []
+    for row in in_flight[:room]:
         latest = board.latest.get(row.workflow_id)
         step = board.current.get(row.workflow_id, "")
         if not step and latest is not None and latest.step:  # not looked up yet: what the last line did
             step = f"{latest.step} {latest.step_status.value if latest.step_status else ''}".strip()
-        table.add_row(
-            row.workflow_id,
-            f"{row.workflow.name} v{row.workflow.version}",
-            _styled(row.status.value),
-            step,
-            duration((now - row.created_at).total_seconds()),
-            f"{latest.type} at {clock(latest.at)}" if latest else "",
+        rows.append(
+            [
+                row.workflow_id,
+                f"{row.workflow.name} v{row.workflow.version}",
+                _styled(row.status.value),
+                step,
+                duration((now - row.created_at).total_seconds()),
+                f"{latest.type} at {clock(latest.at)}" if latest else "",
+            ]
         )
-    if len(rows) > room:
-        table.caption = f"and {len(rows) - room} more"
+    table = _table(BOARD_COLUMNS, rows, narrow, title=f"in flight: {len(in_flight)}")
+    if len(in_flight) > room:
+        table.caption = f"and {len(in_flight) - room} more"
     return Group(counts, table)

@@ -9,6 +9,7 @@ import io
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,18 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.text import Text
 
 from contracts.definitions import CompensationDefinition, RetryPolicy, StepDefinition, WorkflowDefinition
-from controller import watch
+from contracts.envelope import WorkflowRef
+from controller import terminal, watch
 from controller.app import create_app
 from controller.cli import main
 from controller.embedded_redis import free_port
 from controller.event_source import EventSource, EventSourceError, EventStreamParser, ServerSentEvent
 from controller.exit_status import ExitCode
+from controller.instance import StepState, StepStatus, WorkflowStatus
 from tests.conftest import eventually
 from tests.controller.test_api import Api, settings
 from tests.controller.test_cli import cli
@@ -681,3 +685,68 @@ def test_an_error_body_is_read_as_a_problem_document_whatever_it_is() -> None:
     assert problem_of(b'{"title": "Invalid input", "detail": "bad"}') == {"title": "Invalid input", "detail": "bad"}
     assert problem_of(b"  502 Bad Gateway\n") == {"detail": "502 Bad Gateway"}  # a proxy's page
     assert problem_of("[1, 2]") == {"detail": "[1, 2]"}  # JSON, but not a problem document
+
+
+# --- the live views' layout ------------------------------------------------------------
+
+
+def _rendered(renderable: RenderableType, width: int) -> list[str]:
+    shown, out = console(terminal=True)
+    shown.width = width
+    shown.print(renderable)
+    return [line.rstrip() for line in Text.from_ansi(out.getvalue()).plain.splitlines()]
+
+
+def _compensating_view(now: datetime) -> tuple[watch.WorkflowView, list[watch.ProgressLine]]:
+    ref = {"name": "order", "version": 1}
+    steps = [
+        StepState(
+            name="payment", participant="payment", status=StepStatus.COMPENSATING, attempts=2, retrying=True,
+            started_at=now - timedelta(seconds=9), finished_at=now - timedelta(seconds=8),
+            compensation_started_at=now - timedelta(seconds=3), deadline_at=now + timedelta(seconds=27),
+            error="compensation attempt 1 failed: the card of customer c-7 cannot be refunded",
+        ),
+        StepState(
+            name="inventory", participant="inventory", status=StepStatus.FAILED, error="out of MUG-1",
+            started_at=now - timedelta(seconds=8), finished_at=now - timedelta(seconds=3),
+        ),
+        StepState(name="shipping", participant="shipping", status=StepStatus.SKIPPED),
+    ]  # fmt: skip
+    view = watch.WorkflowView(
+        workflow_id="4a95e61bca774eb88f209f0f879b3648", workflow=WorkflowRef(**ref), status=WorkflowStatus.COMPENSATING,
+        created_at=now - timedelta(seconds=9), updated_at=now, error="inventory failed: out of MUG-1", steps=steps,
+    )  # fmt: skip
+    line = watch.ProgressLine(
+        workflow_id=view.workflow_id, workflow=view.workflow, seq=3, at=now, direction="out", type="RefundPayment",
+        message_id="m-3", producer="controller", step="payment", step_status=StepStatus.COMPENSATING,
+        status=WorkflowStatus.COMPENSATING, detail="compensating payment: attempt 2",
+    )  # fmt: skip
+    return view, [line]
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_on_a_narrow_terminal_the_live_views_leave_columns_out_instead_of_cutting_every_cell(width: int) -> None:
+    now = datetime.now(UTC)
+    view, lines = _compensating_view(now)
+    board = watch.Board()
+    for line in lines:
+        board.apply(line)
+
+    for rendered in (_rendered(terminal.workflow_panel(view, lines, now), width),
+                     _rendered(terminal.board_panel(board, now, 40), width)):  # fmt: skip
+        assert all(len(line) <= width for line in rendered), rendered
+        assert not any("…" in line for line in rendered), rendered  # nothing cut short
+    steps = _rendered(terminal.workflow_panel(view, lines, now), width)
+    assert "PARTICIPANT" not in "\n".join(steps)
+    assert any(row.split()[:5] == ["payment", "compensating", "1.0s", "in", "27.0s"] for row in steps), steps
+    counts, *rows = _rendered(terminal.board_panel(board, now, 40), width)
+    assert counts.endswith("needs_attention 0")  # on one line
+    assert any(row.split()[:2] == [view.workflow_id, "compensating"] for row in rows), rows
+
+
+def test_on_a_wide_terminal_the_live_views_show_every_column() -> None:
+    now = datetime.now(UTC)
+    view, lines = _compensating_view(now)
+    text = "\n".join(_rendered(terminal.workflow_panel(view, lines, now), 200))
+    for column in terminal.STEP_COLUMNS + terminal.TIMELINE_COLUMNS:
+        assert column.name in text
