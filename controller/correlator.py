@@ -31,7 +31,7 @@ from controller.instance import Instance, WorkflowStatus
 from controller.store import WorkflowStore
 from participants.sdk import tracing
 from participants.sdk.commit import Commit, Outcome
-from participants.sdk.connection import REFUSING_WRITES
+from participants.sdk.connection import REFUSING_WRITES, UNAVAILABLE
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, decode_entry, entry_order
 from participants.sdk.logs import Outage
 from participants.sdk.metrics import DeadLetterReason, dead_letter_reason
@@ -90,18 +90,23 @@ class Correlator:
             script=store.script,
         )
         self._held: list[Entry] = []  # read, and waiting for older entries of other streams (see _in_time)
+        self._stalled: list[Entry] = []  # a batch Redis could not take: tried again before anything else
+        self._prepared = False
         self.applied = 0
         self.duplicates = 0
         self.conflicts = 0  # commits refused by the version guard, then decided again
         self.dead_lettered = 0
 
     async def prepare(self) -> None:
+        """Create the consumer groups (once: a read that finds its group gone makes it again)."""
         await self.reader.ensure_groups()
+        self._prepared = True
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Create the consumer groups, set ``ready``, then read and apply until ``stop``
         is set; a failing batch is retried later, never lost."""
-        await self.prepare()
+        if not self._prepared:
+            await self.prepare()
         if ready is None:
             ready = asyncio.Event()  # nobody asks: set and cleared all the same
         ready.set()
@@ -110,6 +115,11 @@ class Correlator:
         next_pending = 0.0
         while not stop.is_set():
             try:
+                if self._stalled:
+                    # what an outage interrupted, before anything new: still this consumer's,
+                    # so no delivery is spent on it (a pending scan's XCLAIM would count one)
+                    stalled, self._stalled = self._stalled, []
+                    await self._handle_or_stall(stalled)
                 if time.monotonic() >= next_pending:
                     next_pending = time.monotonic() + self.pending_interval_s
                     retry, exhausted = await self.reader.pending(exclude={(e.stream, e.id) for e in self._held})
@@ -121,24 +131,24 @@ class Correlator:
                             ]
                         )
                     if retry:
-                        await self.handle(retry)
+                        await self._handle_or_stall(retry)
                 # with entries held back, the next read must not wait for news to release them
                 entries = self._in_time(await self.reader.read(block_ms=0 if self._held else None))
                 if entries:
-                    await self.handle(entries)
+                    await self._handle_or_stall(entries)
                 outage.recovered()  # a round went through
                 refused.recovered()
                 ready.set()  # /readyz follows
             except asyncio.CancelledError:
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                # Redis cannot be reached: not ready; the entries stay pending and are retried
+                # Redis cannot be reached: not ready; the batch is tried again (_stalled)
                 ready.clear()
                 outage.failed(exc)
                 await wait_until(stop, _PAUSE_AFTER_ERROR_S)
             except REFUSING_WRITES as exc:
                 # Redis answers but refuses writes (out of memory under noeviction, a replica):
-                # reachable, so ready; the entries stay pending and are retried
+                # reachable, so ready; the batch is tried again (_stalled)
                 outage.recovered()
                 refused.failed(exc)
                 ready.set()
@@ -153,6 +163,14 @@ class Correlator:
                 await self.handle(held)
             except Exception as exc:  # they stay pending; a peer or the next run takes them over
                 log.warning("could not apply %d events before stopping: %s", len(held), exc)
+
+    async def _handle_or_stall(self, entries: list[Entry]) -> None:
+        """:meth:`handle`; if Redis is unavailable, keep the entries for the next round."""
+        try:
+            await self.handle(entries)
+        except UNAVAILABLE:
+            self._stalled = entries
+            raise
 
     def _in_time(self, read: list[Entry]) -> list[Entry]:
         """What to apply now of a read and of the entries held back from earlier ones.

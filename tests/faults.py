@@ -111,3 +111,23 @@ async def through_proxy(redis_url: str) -> AsyncIterator[tuple[RedisProxy, Redis
             yield proxy, client
         finally:
             await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def refusing_writes(redis: Redis) -> AsyncIterator[None]:
+    """The test's Redis out of memory under ``noeviction`` for the block: it answers reads
+    and refuses every write (``OOM command not allowed…``), as a full production Redis does."""
+    before = {name: str((await redis.config_get(name))[name]) for name in ("maxmemory", "maxmemory-policy")}
+    await redis.config_set("maxmemory-policy", "noeviction")
+    await redis.config_set("maxmemory", 1)  # anything it holds is over
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            await redis.config_set(name, value)
+
+
+async def writes_refused(redis: Redis) -> int:
+    """How many commands Redis has refused for want of memory since it started."""
+    stats = await redis.info("errorstats")
+    return int(stats.get("errorstat_OOM", {}).get("count", 0))

@@ -12,6 +12,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, OutOfMemoryError, ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 # Blocking reads (XREADGROUP BLOCK) must return well before the socket times out,
@@ -23,6 +24,9 @@ DEFAULT_BLOCK_MS = 1_000
 MAX_CONNECTIONS = 64
 REFUSING_WRITES = (OutOfMemoryError, ReadOnlyError)
 """What Redis answers when it is reachable but takes no writes (out of memory under noeviction, a replica)."""
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, *REFUSING_WRITES)
+"""Redis cannot be used just now (unreachable, too slow, loading, refusing writes): an outage to wait
+out, never a message's fault, so a consumer retries what it hit without spending a delivery."""
 
 
 class _HiredisPacking(AbstractConnection):

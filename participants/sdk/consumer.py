@@ -137,14 +137,15 @@ def dead_letter_commit(entry: Entry, group: str, consumer: str, reason: str) -> 
 async def create_groups(redis: Redis, groups: Sequence[tuple[str, str]]) -> None:
     """Create each (stream, group) that does not exist yet, from the start of the stream
     (so no message written before the first consumer started is missed), in one round
-    trip; raises ``ResponseError`` naming the first that could not be created."""
+    trip; raises the error of the first that could not be created, naming it (a ``ResponseError``:
+    ``OutOfMemoryError`` when Redis refuses writes)."""
     async with redis.pipeline(transaction=False) as pipe:
         for stream, group in groups:
             pipe.xgroup_create(stream, group, id="0", mkstream=True)
         results = await pipe.execute(raise_on_error=False)
     for (stream, group), result in zip(groups, results, strict=True):
         if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
-            raise ResponseError(f"cannot create group {group!r} on {stream}: {result}")
+            raise type(result)(f"cannot create group {group!r} on {stream}: {result}")
 
 
 READ_BOUND = 4

@@ -23,6 +23,7 @@ Beside the read loop a maintenance loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -44,13 +45,13 @@ from contracts.messages import PayloadError, Wire
 from participants.sdk import tracing
 from participants.sdk.autopipeline import AutoPipelineRedis
 from participants.sdk.commit import Commit, CommitResult, CommitScript, Outcome
-from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS, connect
+from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS, UNAVAILABLE, connect
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit, decode_entry_parsed
 from participants.sdk.errors import Reject, Retry
 from participants.sdk.logs import Outage, log_context
 from participants.sdk.metrics import DeadLetterReason, HandlerOutcome, MetricsServer, RunnerMetrics, dead_letter_reason
 from participants.sdk.participant import Message, Participant, Reply
-from participants.sdk.waiting import wait_until
+from participants.sdk.waiting import through_outages, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,15 @@ class _Failed:
     delay: float | None
 
 
-_Result = _Handled | _Rejected | _Failed
+@dataclass(frozen=True)
+class _Unavailable:
+    """The runner stopped while the handler could not use Redis (see :data:`UNAVAILABLE`):
+    the entry is left pending, the outage not counted against it."""
+
+    error: Exception
+
+
+_Result = _Handled | _Rejected | _Failed | _Unavailable
 
 
 class _Kind(StrEnum):
@@ -206,6 +215,8 @@ class Runner:
         self._last_error: dict[_Key, str] = {}
         self._settled_in_scan: set[_Key] | None = None  # entries batches settled while a pending scan ran
         self._batches: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()  # run()'s: ends the waits through an outage
+        self._outage = Outage(log, f"{participant.name} handling (Redis unavailable)")
         self._heartbeat: asyncio.Task[None] | None = None
         self._heartbeat_halt = asyncio.Event()
         self._started_ms = int(time.time() * 1000)
@@ -309,6 +320,7 @@ class Runner:
     async def run(self, stop: asyncio.Event) -> None:
         """Read and handle until ``stop`` is set; then finish the messages in
         flight and commit their outcomes before returning."""
+        self._stop = stop
         halt = asyncio.Event()
         maintenance = asyncio.create_task(self._maintenance_loop(stop, halt), name=f"{self.heartbeat_field} pending")
         try:
@@ -405,12 +417,14 @@ class Runner:
             tasks: dict[str, asyncio.Task[_Result]] = {}
             async with asyncio.TaskGroup() as handlers:
                 for message_id, (entry, envelope, parsed) in first.items():
-                    task = handlers.create_task(self._handle(entry, envelope, parsed))
+                    task = handlers.create_task(self._handle_through_outages(entry, envelope, parsed))
                     task.add_done_callback(lambda _: self._give(1))
                     tasks[message_id] = task
                 held = 0
             for entry, envelope, _ in fresh:
                 result = tasks[envelope.message_id].result()
+                if isinstance(result, _Unavailable):
+                    continue  # stopped during an outage: left pending, no delivery spent on it
                 if not isinstance(result, _Failed) or entry.deliveries >= self.policy.max_deliveries:
                     settled.append((entry.stream, entry.id))
                 if isinstance(result, _Handled):
@@ -425,7 +439,7 @@ class Runner:
                     kinds.append((DeadLetterReason.EXHAUSTED, 0, _type_of(entry)))
                 else:
                     self._remember_failure(entry, result)
-            self._count(kinds, await self._script.run(self.redis, commits))
+            self._count(kinds, await self._commit(commits))
             self._log_dead_letters(letters)
             for stream, entry_id in settled:
                 self._last_error.pop((stream, entry_id), None)
@@ -452,6 +466,22 @@ class Runner:
                     pipe.exists(naming.outcome_key(entry.partition, name, envelope.message_id))
             found = iter(await pipe.execute())
         return [bool(next(found)) if needed else False for needed in look_up]
+
+    async def _handle_through_outages(self, entry: Entry, envelope: Envelope, parsed: Wire | None) -> _Result:
+        """:meth:`_handle`, tried again after a pause (growing to a few seconds) for as long as
+        it finds Redis unavailable, until it gets through or the runner stops.  Its entry stays
+        this consumer's and held meanwhile, so the outage spends none of its deliveries (a
+        retry through a pending scan would: ``XCLAIM`` counts one)."""
+        try:
+            return await through_outages(lambda: self._handle(entry, envelope, parsed), self._stop, self._outage)
+        except UNAVAILABLE as error:  # stopped meanwhile
+            return _Unavailable(error)
+
+    async def _commit(self, commits: list[Commit]) -> list[CommitResult]:
+        """Run a batch's commits, again after a pause for as long as Redis is unavailable (as
+        :meth:`_handle_through_outages`; a commit that landed unseen finds its outcome record
+        the next time and only acks).  Raises what stopped it when the runner stops."""
+        return await through_outages(lambda: self._script.run(self.redis, commits), self._stop, self._outage)
 
     async def _handle(self, entry: Entry, envelope: Envelope, parsed: Wire | None = None) -> _Result:
         extra: dict[str, object] = {
@@ -505,6 +535,8 @@ class Runner:
                 extra=extra,
             )
             return _Failed(f"handler did not finish within {self.settings.handler_timeout_s}s", None)
+        except UNAVAILABLE:
+            raise  # an outage, not the handler's failure: see _handle_through_outages
         except Exception as error:
             return self._failed(entry, envelope, error, extra)
 
@@ -718,8 +750,17 @@ def _step_of(envelope: Envelope) -> str | None:
 
 
 async def run_participant(participant: Participant, settings: RunnerSettings, stop: asyncio.Event) -> None:
-    """Run ``participant`` until ``stop`` is set, then drain and return."""
-    async with Runner(participant, settings) as runner:
+    """Run ``participant`` until ``stop`` is set, then drain and return.  While Redis cannot be
+    used at start (unreachable, loading, refusing writes) it waits for it, trying again every
+    few seconds, rather than exit: a supervisor would only restart it into the same outage."""
+    outage = Outage(log, f"{participant.name}/{settings.consumer} starting")
+    async with contextlib.AsyncExitStack() as started:
+        try:
+            runner = await through_outages(
+                lambda: started.enter_async_context(Runner(participant, settings)), stop, outage
+            )
+        except UNAVAILABLE:
+            return  # stopped before Redis could be used
         await runner.run(stop)
 
 

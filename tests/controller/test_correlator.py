@@ -23,7 +23,7 @@ from controller.store import IdempotencyConflict, WorkflowStore
 from participants.sdk.commit import Outcome
 from participants.sdk.consumer import RetryPolicy, entry_order
 from tests.conftest import eventually
-from tests.faults import through_proxy
+from tests.faults import refusing_writes, through_proxy, writes_refused
 
 P = 4
 HAPPY = ("OrderSubmitted", "PaymentCaptured", "InventoryReserved", "ShipmentScheduled", "CustomerNotified")
@@ -522,6 +522,38 @@ async def test_readiness_follows_redis_outages_and_an_outage_is_logged_once(
     assert sum("failed: ConnectionError" in line for line in lines) == 1, lines
     assert sum("works again" in line for line in lines) == 1, lines
     assert not [r for r in caplog.records if r.exc_info]  # no tracebacks for an outage
+
+
+async def test_an_outage_spends_no_delivery_of_the_events_it_holds_up(redis: Redis) -> None:
+    store = WorkflowStore(redis, P)
+    instance = await start_order(store)
+    worker = correlator(store)
+    await worker.prepare()
+    event = envelope(instance, "PaymentCaptured")
+    await emit(store, event)
+    stream = naming.message_stream(naming.partition_of(instance.id, P), "PaymentCaptured")
+    stop = asyncio.Event()
+    async with refusing_writes(redis):
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            refused = await writes_refused(redis)
+            # longer than FAST's three deliveries take: a retry through a claim would have
+            # spent them and dead-lettered the event as "not applied after 3 deliveries"
+            await eventually(lambda: writes_refused(redis), lambda n: n >= refused + 4, what="commits refused")
+            [entry] = await redis.xpending_range(stream, naming.CONTROLLER_GROUP, "-", "+", 1)
+            assert entry["times_delivered"] == 1
+        except BaseException:
+            stop.set()
+            await task
+            raise
+    try:
+        await eventually(lambda: counter(worker, "applied"), lambda n: n == 1, what="the event applied")
+    finally:
+        stop.set()
+        await task
+    assert worker.dead_lettered == 0
+    assert [h.type for h in await store.history(instance.id)] == ["OrderSubmitted", "PaymentCaptured"]
+    assert int((await redis.xpending(stream, naming.CONTROLLER_GROUP))["pending"]) == 0
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Collection
 from decimal import Decimal
@@ -18,7 +19,9 @@ from contracts.envelope import derived_message_id, encode
 from contracts.messages import OrderSubmitted, PaymentCaptured, ShipmentFailed
 from participants.sdk import Message, Participant, Reject, Reply, Retry
 from participants.sdk.consumer import Entry, GroupReader
+from participants.sdk.runner import run_participant
 from tests.conftest import eventually
+from tests.faults import refusing_writes, through_proxy, writes_refused
 from tests.participants.helpers import (
     PARTITIONS,
     dead_letters,
@@ -251,6 +254,67 @@ async def test_a_failing_handler_is_retried_then_dead_lettered_and_later_message
     assert await pending_count(redis, stream_of(bad), "flaky") == 0
     assert runner.stats.failed == 2
     assert runner.stats.dead_lettered == 1
+
+
+@pytest.mark.parametrize("where", ["handler", "commit"])
+async def test_an_outage_spends_no_delivery_however_long_it_lasts(redis: Redis, redis_url: str, where: str) -> None:
+    tries: list[int] = []
+    outage_begun = asyncio.Event()
+    keeper = Participant("keeper")
+
+    @keeper.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        tries.append(msg.attempt)
+        await outage_begun.wait()
+        if where == "handler":
+            await msg.redis.set(f"kept:{msg.correlation_id}", "1")  # refused while Redis is full
+        return Reply("Pong")
+
+    message = envelope("Ping")
+    async with running(keeper, fast_settings(redis_url, max_deliveries=2)) as runner:
+        await publish(redis, message)
+        await eventually(lambda: asyncio.sleep(0, tries), lambda found: found == [1], what="the first try")
+        async with refusing_writes(redis):
+            refused = await writes_refused(redis)
+            outage_begun.set()
+            # far longer than two deliveries' backoff (20 ms): a retry through a claim would
+            # have spent both and dead-lettered the message
+            await eventually(lambda: writes_refused(redis), lambda n: n >= refused + 3, what="writes refused")
+            [entry] = await redis.xpending_range(stream_of(message), "keeper", "-", "+", 1)
+            assert (entry["consumer"], entry["times_delivered"]) == (b"live", 1)
+        [pong] = await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 1, what="the reply")
+    assert pong.attempt == 1
+    assert set(tries) == {1}  # never delivered again
+    if where == "commit":
+        assert len(tries) == 1  # the handler's work stood: only the commit was tried again
+    else:
+        assert len(tries) >= 2  # tried again in place
+    assert await dead_letters(redis) == []
+    assert await pending_count(redis, stream_of(message), "keeper") == 0
+    assert (runner.stats.failed, runner.stats.dead_lettered) == (0, 0)
+
+
+async def test_a_participant_started_while_redis_cannot_be_reached_waits_for_it(
+    redis: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="participants.sdk.runner")
+    async with through_proxy(redis_url) as (proxy, _):
+        proxy.go_down()
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_participant(echo([]), fast_settings(proxy.url), stop))
+        try:
+            await eventually(lambda: asyncio.sleep(0, proxy.refused), lambda n: n >= 2, what="tries refused")
+            assert not task.done()  # waiting, not exited
+            proxy.come_back()
+            await eventually(
+                lambda: redis.hkeys(naming.heartbeat_key()), lambda keys: b"echo/live" in keys, what="a beat"
+            )
+        finally:
+            stop.set()
+            await task
+    lines = [r.getMessage() for r in caplog.records if r.name == "participants.sdk.runner"]
+    assert sum("echo/live starting failed: ConnectionError" in line for line in lines) == 1, lines
+    assert sum("echo/live starting works again" in line for line in lines) == 1, lines
 
 
 async def test_a_rejected_message_is_dead_lettered_at_once(redis: Redis, redis_url: str) -> None:
