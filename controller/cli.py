@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from yarl import URL
 
 from contracts.definitions import ORDER_SAGA
-from controller.exit_status import ALL_EXIT_STATUS_HELP, EXIT_STATUS_HELP
+from controller.exit_status import ALL_EXIT_STATUS_HELP, EXIT_STATUS_HELP, ExitCode
 from controller.settings import DEFAULT_REDIS_URL, REDIS_URL_ENV, ControllerSettings
 from participants.sdk import collector, logs
 from participants.sdk.connection import MAX_BLOCK_MS
@@ -1045,5 +1045,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.passed_on = unknown
     # every process's log lines carry the correlation id, step and attempt (see participants.sdk.logs)
     logs.configure_logging(args.log_level, args.log_format)
-    result: int = args.run(args)
+    try:
+        result: int = args.run(args)
+    except BrokenPipeError:
+        # whoever read our output stopped (`streamsaga watch ID | head`): end quietly, and keep
+        # the interpreter's own flush at exit from failing the same way
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(ExitCode.ERROR)
     return result

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -750,3 +752,25 @@ def test_on_a_wide_terminal_the_live_views_show_every_column() -> None:
     text = "\n".join(_rendered(terminal.workflow_panel(view, lines, now), 200))
     for column in terminal.STEP_COLUMNS + terminal.TIMELINE_COLUMNS:
         assert column.name in text
+
+
+async def test_watch_into_a_pipe_whose_reader_left_ends_quietly(controller: Controller) -> None:
+    workflow_id = await controller.api.start_order()
+    read_end, write_end = os.pipe()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", "watch", workflow_id, "--api", controller.url,
+        stdout=write_end, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as reader:  # `| head -2`: two lines, then gone
+            lines = [await asyncio.to_thread(reader.readline) for _ in range(2)]  # the loop serves the API
+            assert b"OrderSubmitted" in b"".join(lines)
+        await controller.api.complete_order(workflow_id)  # more lines for a reader no longer there
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == ExitCode.ERROR
+    assert err == b""  # no BrokenPipeError traceback
