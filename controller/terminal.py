@@ -107,7 +107,8 @@ def step_facts(step: StepState | None, step_status: StepStatus | None, current: 
     if step is None or step_status is None:
         return []
     facts: list[str] = []
-    if step_status in (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.TIMED_OUT):
+    # (a step that ended twice — timed out, then completed late — has the later end's times)
+    if step_status in (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.TIMED_OUT) and step.status == step_status:
         took = _between(step.started_at, step.finished_at)
         if took:
             facts.append(f"took {took}")

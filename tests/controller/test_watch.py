@@ -774,3 +774,24 @@ async def test_watch_into_a_pipe_whose_reader_left_ends_quietly(controller: Cont
             await process.wait()
     assert process.returncode == ExitCode.ERROR
     assert err == b""  # no BrokenPipeError traceback
+
+
+def test_a_step_that_timed_out_then_completed_late_shows_how_long_on_the_late_line_only() -> None:
+    now = datetime.now(UTC)
+    view, _ = _compensating_view(now)
+    shipping = view.steps[2]
+    shipping.status, shipping.error = StepStatus.COMPLETED, "timed out"
+    shipping.started_at, shipping.finished_at = now - timedelta(seconds=7.2), now
+    lines = [
+        watch.ProgressLine(
+            workflow_id=view.workflow_id, workflow=view.workflow, seq=seq, at=now, direction="in", type=message_type,
+            message_id=f"m-{seq}", producer="tests", step="shipping", step_status=status, status=view.status,
+        )
+        for seq, message_type, status in (
+            (4, "TimerFired", StepStatus.TIMED_OUT),
+            (5, "ShipmentScheduled", StepStatus.COMPLETED),
+        )
+    ]  # fmt: skip
+    timed_out, late = (terminal.line_text(line, view, latest=line is lines[-1]) for line in lines)
+    assert "took" not in timed_out, timed_out  # 7.2 s is when it completed, not when it timed out
+    assert late.endswith("took 7.2s"), late
