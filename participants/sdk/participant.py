@@ -120,7 +120,8 @@ class Message:
             return model.model_validate(self.envelope.payload)
         except ValidationError as exc:
             path, msg = first_error(exc, "payload")
-            raise Reject(f"invalid {self.type} payload for {model.__name__} at {path}: {msg}") from exc
+            read_as = "" if model.__name__ == self.type else f" for {model.__name__}"  # (said once when they agree)
+            raise Reject(f"invalid {self.type} payload{read_as} at {path}: {msg}") from exc
 
 
 HandlerResult = Reply | Sequence[Reply] | None
