@@ -234,7 +234,8 @@ class _Decider:
             step.retrying = False
             step.error = None
             self.cancel_timer(f"comp:{step.name}")
-            return None
+            detail = payload.get("detail")  # what the participant says it undid, for the history
+            return detail if isinstance(detail, str) and detail else None
         # Role.COMPENSATION_FAILED
         if step.retrying:
             return f"{step.name} is already waiting to retry; ignored"
@@ -416,7 +417,7 @@ class _Decider:
         said = f"{who}" + (f": {why}" if why else "")
         if self.cause.type == CANCEL_REQUESTED:
             self.begin_compensation(f"cancelled by {said}")
-            return None
+            return f"cancel requested by {said}"
         # retry: every compensation that gave up starts over with a fresh attempt count, and
         # the workflow's error is again why it is compensating (not the give-up it was retried after)
         self.instance.status = WorkflowStatus.COMPENSATING

@@ -448,6 +448,15 @@ def test_retry_by_an_operator_resumes_a_compensation_that_gave_up() -> None:
     assert saga.instance.error == "inventory failed: short"
 
 
+def test_what_a_participant_says_it_undid_is_the_history_lines_detail() -> None:
+    saga = Saga()
+    saga.event("PaymentCaptured")
+    saga.event("InventoryUnavailable", {"reason": "short"})
+    saga.event("PaymentRefunded", {"step": "payment", "detail": "refunded 33.00 USD"})
+    assert saga.status() is WorkflowStatus.COMPENSATED
+    assert (saga.history[-1].type, saga.history[-1].detail) == ("PaymentRefunded", "refunded 33.00 USD")
+
+
 def test_a_compensation_without_answer_is_resent_after_a_backoff() -> None:
     saga = Saga()
     saga.event("PaymentCaptured")
@@ -665,6 +674,8 @@ def test_cancel_compensates_a_running_workflow_and_records_who() -> None:
     saga.event("PaymentCaptured")
     saga.event(CANCEL_REQUESTED, {"by": "alice", "reason": "customer called"})
     assert saga.instance.error == "cancelled by alice: customer called"
+    request = next(h for h in saga.history if h.type == CANCEL_REQUESTED)
+    assert request.detail == "cancel requested by alice: customer called"  # as a retry's line says who and why
     # the inventory step was running when cancelled: its timeout bounds the wait for it
     assert saga.status() is WorkflowStatus.COMPENSATING
     assert saga.sent[-1] == "OrderSubmitted"
