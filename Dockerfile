@@ -5,6 +5,7 @@ COPY pyproject.toml README.md ./
 COPY contracts contracts
 COPY controller controller
 COPY participants participants
+COPY bench bench
 RUN pip install --no-cache-dir . && useradd --create-home streamsaga
 USER streamsaga
 ENTRYPOINT []

@@ -3,6 +3,9 @@ every streamsaga command in it is one the CLI accepts."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +43,26 @@ def test_every_command_is_one_the_cli_accepts(name: str) -> None:
     assert command[0] == "streamsaga"
     args = build_parser().parse_args(command[1:])
     assert args.command == command[1]
+
+
+def test_the_files_the_image_copies_are_enough_to_install_the_package(tmp_path: Path) -> None:
+    """What `docker compose up --build` runs, without Docker: build the wheel from exactly the
+    files the Dockerfile copies (a package pyproject.toml lists but the image lacks fails it)."""
+    root = COMPOSE.parent
+    context = tmp_path / "image"
+    context.mkdir()
+    copies = [line.split()[1:] for line in (root / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
+    assert copies
+    for *sources, destination in copies:
+        for source in sources:
+            target = context / (source if destination in ("./", ".") else destination)
+            if (root / source).is_dir():
+                shutil.copytree(root / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(root / source, target)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
+        cwd=context, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert list(tmp_path.glob("streamsaga-*.whl"))
