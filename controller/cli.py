@@ -681,6 +681,8 @@ def _with_redis(args: argparse.Namespace, work: Callable[[Redis], Awaitable[int]
 
     try:
         return asyncio.run(run())
+    except BrokenPipeError:
+        raise  # our reader left (`dlq list | head`), not Redis: see main()
     except (RedisError, OSError) as exc:
         _dlq_fail(args, f"cannot use Redis at {args.redis_url}: {exc}")
         return 1
@@ -796,6 +798,7 @@ def _dlq_show(args: argparse.Namespace) -> int:
 def _dlq_replay(args: argparse.Namespace) -> int:
     from controller import dead_letters
     from participants.sdk.commit import CommitScript
+    from participants.sdk.consumer import entry_order
 
     try:
         for dead_letter_id in args.ids:
@@ -807,16 +810,25 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     async def work(redis: Redis) -> int:
         script = CommitScript()
         failed = 0
+        letters: list[dead_letters.DeadLetter] = []
         for dead_letter_id in dict.fromkeys(args.ids):
+            letter = await dead_letters.get(redis, dead_letter_id)
+            if letter is None:
+                _dlq_fail(args, str(dead_letters.NoSuchDeadLetter(dead_letter_id)))
+                failed += 1
+            else:
+                letters.append(letter)
+        # in the order the messages first came, whatever order the ids were given in (`dlq list`
+        # shows the newest first): a workflow's timer replayed before the events it raced
+        # would time out a step whose completion is only replayed after it
+        for letter in sorted(letters, key=lambda letter: entry_order(letter.source_id)):
             try:
-                letter, entry_id = await dead_letters.replay(
-                    redis, dead_letter_id, partitions=args.partitions, script=script
-                )
-            except (dead_letters.NoSuchDeadLetter, dead_letters.NotReplayable) as exc:
+                entry_id = await dead_letters.replay_letter(redis, letter, partitions=args.partitions, script=script)
+            except dead_letters.NotReplayable as exc:
                 _dlq_fail(args, str(exc))
                 failed += 1
                 continue
-            print(f"replayed {dead_letter_id} to {letter.source_stream} as {entry_id}")
+            print(f"replayed {letter.id} to {letter.source_stream} as {entry_id}")
         return 1 if failed else 0
 
     return _with_redis(args, work)
@@ -890,7 +902,7 @@ def _dlq_parser(sub: Any) -> None:
     listing.add_argument("--type", metavar="T", help="only messages of type T")
     listing.add_argument("--workflow", metavar="ID", help="only messages of workflow ID (their correlation id)")
     listing.add_argument(
-        "--json", action="store_true", help='print {"dead_letters": [...]} as JSON, with the fields the API gives'
+        "--json", action="store_true", help='print {"dead_letters": [...]} as JSON: the API\'s fields but its links'
     )
     listing.set_defaults(run=_dlq_list)
 
@@ -900,17 +912,19 @@ def _dlq_parser(sub: Any) -> None:
     ))  # fmt: skip
     _dlq_common(show)
     show.add_argument("id", metavar="ID", help="the dead letter's id")
-    show.add_argument("--json", action="store_true", help="print it as JSON, with the fields the API gives")
+    show.add_argument("--json", action="store_true", help="print it as JSON: the API's fields but its links")
     show.set_defaults(run=_dlq_show)
 
     replay = actions.add_parser("replay", help="send dead letters back to their streams", description=(
         "Write each dead letter's original fields back to the stream it came from and delete it, atomically, "
         "so every group reading that stream gets it again (consumers that already handled its message_id "
         "skip it). Fix the cause first. A dead letter whose fields could not stand on that stream "
-        "(say an undecodable entry) is refused. Exits 1 if any ID could not be replayed."
+        "(say an undecodable entry) is refused. Several IDs are replayed in the order their messages "
+        "first came, oldest first, whatever order they are given in. Exits 1 if any ID could not be "
+        "replayed."
     ))  # fmt: skip
     _dlq_common(replay)
-    replay.add_argument("ids", nargs="+", metavar="ID", help="dead letters to replay, in this order")
+    replay.add_argument("ids", nargs="+", metavar="ID", help="dead letters to replay")
     replay.set_defaults(run=_dlq_replay)
 
     purge = actions.add_parser("purge", help="delete dead letters", description=(

@@ -507,6 +507,23 @@ async def test_dlq_replay_sends_each_back_and_reports_the_ones_it_cannot(
     assert "nothing replayed" in err
 
 
+async def test_dlq_replay_sends_a_workflows_letters_back_oldest_first_whatever_order_they_are_given_in(
+    redis: Redis, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the events of one workflow, the last its step's deadline, dead-lettered in that order
+    letters = await write_letters(
+        redis, [("wf-1", "InventoryReserved", "controller"), ("wf-1", "ShipmentScheduled", "controller"),
+                ("wf-1", "TimerFired", "controller")]
+    )  # fmt: skip
+    newest_first = [letter.id for letter in await dead_letters.list_dead_letters(redis, P, limit=10)]
+    assert newest_first == [letter.id for letter in reversed(letters)]  # as `dlq list` shows them
+
+    code, out, _ = await dlq(capsys, redis_url, "replay", *newest_first)
+
+    assert code == 0
+    assert [line.split()[1] for line in out.splitlines()] == [letter.id for letter in letters]
+
+
 async def test_dlq_purge_asks_on_a_terminal_and_refuses_elsewhere_without_yes(
     redis: Redis, redis_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
