@@ -326,3 +326,20 @@ def test_an_outage_is_logged_when_it_starts_now_and_then_while_it_lasts_and_when
         ("INFO", "timer poll works again after 40.0s (80 failures)"),
     ]
     assert not outage.failing
+
+
+def test_an_outage_that_flaps_is_told_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    outage = logs.Outage(logging.getLogger("flap-test"), "the API's Redis writes", every_s=30.0, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="flap-test")
+    for _ in range(100):  # a Redis at its memory limit: every other write refused, for 50 s
+        outage.failed(OSError("OOM"))
+        now[0] += 0.25
+        outage.recovered()
+        now[0] += 0.25
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "the API's Redis writes failed: OSError: OOM"),
+        ("INFO", "the API's Redis writes works again after 0.2s (1 failures)"),
+        ("WARNING", "the API's Redis writes failed: OSError: OOM"),  # 30 s later
+        ("INFO", "the API's Redis writes works again after 0.2s (1 failures)"),
+    ]

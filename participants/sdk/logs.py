@@ -140,7 +140,10 @@ class Outage:
     """Logs a failing dependency (Redis, mostly) without flooding the log: the first
     failure as a warning, then at most one reminder per ``every_s`` with the count of
     failures since, and the recovery.  A loop retrying twice a second through a
-    minute-long outage writes three lines, not a hundred and twenty tracebacks."""
+    minute-long outage writes three lines, not a hundred and twenty tracebacks.  One
+    that flaps (fails, works, fails again: a Redis at its memory limit, requests that
+    race) warns at most once per ``every_s`` too: a failure soon after the last warning
+    is counted, not told, and so is the recovery that follows it."""
 
     def __init__(
         self,
@@ -155,7 +158,8 @@ class Outage:
         self.clock = clock
         self.failures = 0
         self._since: float | None = None
-        self._told = 0.0
+        self._told: float | None = None  # when the last warning was written
+        self._quiet = False  # this outage came too soon after the last warning to be told
 
     @property
     def failing(self) -> bool:
@@ -165,10 +169,14 @@ class Outage:
         now = self.clock()
         self.failures += 1
         if self._since is None:
-            self._since = self._told = now
-            self.logger.warning("%s failed: %s", self.what, _describe(error))
-        elif now - self._told >= self.every_s:
+            self._since = now
+            self._quiet = self._told is not None and now - self._told < self.every_s
+            if not self._quiet:
+                self._told = now
+                self.logger.warning("%s failed: %s", self.what, _describe(error))
+        elif self._told is None or now - self._told >= self.every_s:
             self._told = now
+            self._quiet = False
             self.logger.warning(
                 "%s still failing after %.0fs (%d failures): %s",
                 self.what,
@@ -180,9 +188,10 @@ class Outage:
     def recovered(self) -> None:
         if self._since is None:
             return
-        self.logger.info(
-            "%s works again after %.1fs (%d failures)", self.what, self.clock() - self._since, self.failures
-        )
+        if not self._quiet:
+            self.logger.info(
+                "%s works again after %.1fs (%d failures)", self.what, self.clock() - self._since, self.failures
+            )
         self._since = None
         self.failures = 0
 
