@@ -276,7 +276,11 @@ async def _start(
 async def start_order(request: web.Request) -> web.Response:
     """Start an order saga; the body is an ``OrderIn``."""
     body = await _json_body(request)
-    definition = request.app[DEFINITIONS].latest(ORDER_SAGA.name)
+    definitions = request.app[DEFINITIONS]
+    try:
+        definition = definitions.latest(ORDER_SAGA.name)
+    except UnknownWorkflow:  # a controller started --without-order-saga
+        raise DefinitionNotFound(ORDER_SAGA.name, definitions.names()) from None
     try:
         order = OrderIn.model_validate(body)
     except ValidationError as exc:

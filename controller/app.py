@@ -51,7 +51,7 @@ def create_app(settings: ControllerSettings) -> web.Application:
     """
     app = web.Application(client_max_size=api.MAX_BODY_BYTES, middlewares=[api.problems])
     app[SETTINGS] = settings
-    app[api.DEFINITIONS] = Definitions.load(settings.definitions_path)
+    app[api.DEFINITIONS] = Definitions.load(settings.definitions_path, settings.order_saga)
     app[api.CONTRACTS] = orjson.dumps(schemas())
     app[api.CORRELATOR_READY] = asyncio.Event()
     app[api.REDIS_OUTAGE] = Outage(logging.getLogger(api.__name__), "the API's Redis requests")

@@ -138,6 +138,7 @@ def _add_partitions(parser: argparse.ArgumentParser) -> None:
 
 def _controller(args: argparse.Namespace) -> int:
     from controller.app import serve
+    from controller.definitions import NoDefinitions
 
     try:
         settings = ControllerSettings(
@@ -149,6 +150,7 @@ def _controller(args: argparse.Namespace) -> int:
             block_ms=args.block_ms,
             retention_s=args.retention_s,
             definitions_path=args.definitions,
+            order_saga=not args.without_order_saga,
             claim_idle_ms=args.claim_idle_ms,
             max_deliveries=args.max_deliveries,
             timer_interval_s=args.timer_interval_s,
@@ -169,7 +171,7 @@ def _controller(args: argparse.Namespace) -> int:
     try:
         collector.tune()
         asyncio.run(until_signalled(lambda stop: serve(settings, stop)))
-    except (ValidationError, orjson.JSONDecodeError) as exc:
+    except (ValidationError, orjson.JSONDecodeError, NoDefinitions) as exc:
         print(f"streamsaga controller: invalid workflow definitions in {args.definitions}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -194,6 +196,13 @@ def _controller_parser(sub: Any) -> None:
         type=Path,
         metavar="FILE",
         help="JSON file with a list of workflow definitions, loaded besides the built-in order saga",
+    )
+    p.add_argument(
+        "--without-order-saga",
+        action="store_true",
+        help="run only the --definitions file's workflows, not the built-in order saga: POST /v1/orders "
+        "answers 404, no step of it is reported uncovered, and events of order workflows already running "
+        "are dead-lettered (no workflow definition)",
     )
     p.add_argument("--batch", type=_positive, default=d.batch, help="entries per read (default: %(default)s)")
     p.add_argument(

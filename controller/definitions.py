@@ -14,6 +14,10 @@ from contracts.messages import TIMER_FIRED
 _MANY = TypeAdapter(list[WorkflowDefinition])
 
 
+class NoDefinitions(ValueError):
+    """A controller given no workflow to run."""
+
+
 class UnknownWorkflow(LookupError):
     def __init__(self, name: str, version: int | None = None) -> None:
         super().__init__(f"no workflow definition {name!r}" + (f" version {version}" if version else ""))
@@ -33,10 +37,14 @@ class Definitions:
                 self._latest[definition.name] = definition
 
     @classmethod
-    def load(cls, path: Path | None) -> Definitions:
-        """The built-in order saga plus the definitions in a JSON file (a list)."""
+    def load(cls, path: Path | None, order_saga: bool = True) -> Definitions:
+        """The built-in order saga (unless not ``order_saga``) plus the definitions in a
+        JSON file (a list); raises :class:`NoDefinitions` when that leaves none."""
         extra = _MANY.validate_python(orjson.loads(path.read_bytes())) if path else []
-        return cls([ORDER_SAGA, *extra])
+        definitions = [ORDER_SAGA, *extra] if order_saga else extra
+        if not definitions:
+            raise NoDefinitions("no workflow definitions to run: the file has none, and the order saga is left out")
+        return cls(definitions)
 
     def latest(self, name: str) -> WorkflowDefinition:
         try:

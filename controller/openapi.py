@@ -172,10 +172,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Start an order saga",
         "workflows",
         {202: _ACCEPTED},
-        description="The body is an order; unknown fields are rejected.",
+        description="The body is an order; unknown fields are rejected.  404 from a controller run "
+        "`--without-order-saga`.",
         params=(_IDEMPOTENCY_KEY, _TRACEPARENT, _SLA_SECONDS),
         body="OrderIn",
-        problems=(*BODY_PROBLEMS, 409),
+        problems=(*BODY_PROBLEMS, 404, 409),
     ),
     ("POST", "/v1/workflows/{name}"): Operation(
         "Start any loaded workflow definition",

@@ -29,6 +29,8 @@ class ControllerSettings:
     block_ms: int = DEFAULT_BLOCK_MS
     retention_s: int = 7 * 86_400
     definitions_path: Path | None = None
+    order_saga: bool = True
+    """Run the built-in order saga besides the definitions file's workflows (``POST /v1/orders``)."""
     claim_idle_ms: int = 5_000
     max_deliveries: int = 5
     timer_interval_s: float = 0.05
@@ -56,6 +58,8 @@ class ControllerSettings:
     """Log a line per HTTP request (aiohttp's access log, logger ``aiohttp.access``, at INFO)."""
 
     def __post_init__(self) -> None:
+        if not self.order_saga and self.definitions_path is None:
+            raise ValueError("without the order saga, give the workflows to run with --definitions FILE")
         if self.partitions < 1:
             raise ValueError(f"partitions must be at least 1, not {self.partitions}")
         if not 0 <= self.port <= 65_535:

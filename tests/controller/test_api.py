@@ -23,6 +23,7 @@ from contracts.definitions import ORDER_SAGA, StepDefinition, WorkflowDefinition
 from contracts.envelope import Envelope, WorkflowRef, decode, encode, new_message_id, utcnow
 from contracts.messages import PAYLOADS
 from controller.app import create_app
+from controller.definitions import Definitions, NoDefinitions
 from controller.embedded_redis import free_port
 from controller.settings import ControllerSettings
 from tests.conftest import definitions_file, eventually
@@ -507,6 +508,28 @@ async def test_definitions_lists_every_loaded_definition_with_its_deadlines(
         "shipping": 60.0,
         "notification": 30.0,
     }
+
+
+async def test_a_controller_without_the_order_saga_runs_only_its_own_workflows(
+    serve: ApiFactory, redis_url: str, tmp_path: Path
+) -> None:
+    own = definitions_file(tmp_path / "defs.json", GREETING)
+    api = await ready(await serve(settings(redis_url, definitions_path=own, order_saga=False)))
+
+    assert [d["name"] for d in (await api.call("GET", "/v1/definitions")).body["definitions"]] == ["greeting"]
+    refused = await api.call("POST", "/v1/orders", json=ORDER)
+    assert_problem(refused, 404, "name")  # the definition it names
+    assert refused.body["type"].endswith("definition-not-found")
+    uncovered = (await api.call("GET", "/v1/participants")).body["uncovered"]
+    assert {entry["workflow"] for entry in uncovered} == {"greeting"}  # no order step is missed
+    assert (await api.call("POST", "/v1/workflows/greeting", json={"to": "world"})).status == 202
+
+
+def test_a_controller_without_the_order_saga_needs_definitions_of_its_own(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="give the workflows to run with --definitions"):
+        settings("redis://unused", order_saga=False)
+    with pytest.raises(NoDefinitions):
+        Definitions.load(definitions_file(tmp_path / "none.json"), order_saga=False)
 
 
 # --- tracing, contracts, health -----------------------------------------------------

@@ -286,6 +286,8 @@ async def test_controller_tuning_flags_reach_its_settings(tmp_path: Path) -> Non
     assert (args.instance_cache_size, args.access_log) == (10_000, False)
     args = build_parser().parse_args(["controller", "--instance-cache-size", "0", "--access-log"])
     assert (args.instance_cache_size, args.access_log) == (0, True)
+    assert build_parser().parse_args(["controller", "--without-order-saga"]).without_order_saga
+    assert main(["controller", "--without-order-saga"]) == 2  # and no --definitions: nothing to run
 
 
 async def test_ledger_of_an_empty_redis_balances(redis: Redis, redis_url: str) -> None:
