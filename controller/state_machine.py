@@ -209,6 +209,8 @@ class _Decider:
             # a step may complete after it was given up (failed, timed out, skipped):
             # choreography raced ahead, and the completion is compensated like any other
             late = step.status not in (StepStatus.PENDING, StepStatus.RUNNING)
+            if late:  # its error says what came first
+                step.error = f"{step.error or step.status.value.replace('_', ' ')}, then completed late"
             self.end_step(step, StepStatus.COMPLETED)
             step.result = payload
             if running:

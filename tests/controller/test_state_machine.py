@@ -612,6 +612,9 @@ def test_a_non_critical_step_that_times_out_is_flagged_and_the_workflow_complete
     assert saga.status() is WorkflowStatus.COMPLETED
     assert saga.steps()["notification"] is StepStatus.TIMED_OUT
     assert saga.instance.timers == {}
+    saga.event("CustomerNotified")  # late, and nothing to undo: kept, and its error says what came first
+    assert saga.steps()["notification"] is StepStatus.COMPLETED
+    assert saga.instance.step("notification").error == "timed out, then completed late"
 
 
 def test_an_sla_breach_compensates_by_default_last_step_first() -> None:
