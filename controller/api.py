@@ -118,7 +118,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     except RedisError as exc:
         refused = isinstance(exc, REFUSING_WRITES)
         request.app[REDIS_REFUSING if refused else REDIS_OUTAGE].failed(exc)  # once, then every 30 s
-        error = Unavailable(f"Redis did not answer: {exc}")
+        error = Unavailable(f"Redis refuses writes: {exc}" if refused else f"Redis did not answer: {exc}")
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         error = ApiError("an unexpected error occurred; the controller's log has the details")

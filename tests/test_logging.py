@@ -337,9 +337,15 @@ def test_an_outage_that_flaps_is_told_once_per_interval(caplog: pytest.LogCaptur
         now[0] += 0.25
         outage.recovered()
         now[0] += 0.25
+    for _ in range(10):  # then it stays down for 5 s: told after all, once it lasted a second
+        outage.failed(OSError("OOM"))
+        now[0] += 0.5
+    outage.recovered()
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", "the API's Redis writes failed: OSError: OOM"),
         ("INFO", "the API's Redis writes works again after 0.2s (1 failures)"),
         ("WARNING", "the API's Redis writes failed: OSError: OOM"),  # 30 s later
         ("INFO", "the API's Redis writes works again after 0.2s (1 failures)"),
+        ("WARNING", "the API's Redis writes failed again: OSError: OOM"),
+        ("INFO", "the API's Redis writes works again after 5.0s (10 failures)"),
     ]

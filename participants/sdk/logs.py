@@ -136,14 +136,19 @@ def configure_logging(level: str | int = "INFO", log_format: LogFormat = "text",
     logging.basicConfig(level=level, handlers=[handler])
 
 
+OUTAGE_PERSISTS_S = 1.0
+"""How long an outage that came right after another must last to be told after all."""
+
+
 class Outage:
     """Logs a failing dependency (Redis, mostly) without flooding the log: the first
     failure as a warning, then at most one reminder per ``every_s`` with the count of
     failures since, and the recovery.  A loop retrying twice a second through a
     minute-long outage writes three lines, not a hundred and twenty tracebacks.  One
     that flaps (fails, works, fails again: a Redis at its memory limit, requests that
-    race) warns at most once per ``every_s`` too: a failure soon after the last warning
-    is counted, not told, and so is the recovery that follows it."""
+    race) does not repeat itself either: a failure soon after the last warning is
+    counted, not told, and so is the recovery that follows it, unless it goes on
+    failing for :data:`OUTAGE_PERSISTS_S`; then it is told after all."""
 
     def __init__(
         self,
@@ -174,6 +179,10 @@ class Outage:
             if not self._quiet:
                 self._told = now
                 self.logger.warning("%s failed: %s", self.what, _describe(error))
+        elif self._quiet and now - self._since >= OUTAGE_PERSISTS_S:
+            self._told = now
+            self._quiet = False
+            self.logger.warning("%s failed again: %s", self.what, _describe(error))
         elif self._told is None or now - self._told >= self.every_s:
             self._told = now
             self._quiet = False

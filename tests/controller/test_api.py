@@ -27,7 +27,7 @@ from controller.definitions import Definitions, NoDefinitions
 from controller.embedded_redis import free_port
 from controller.settings import ControllerSettings
 from tests.conftest import definitions_file, eventually
-from tests.faults import RedisProxy
+from tests.faults import RedisProxy, refusing_writes
 
 P = 4
 ORDER: dict[str, Any] = {
@@ -625,6 +625,19 @@ async def test_a_start_whose_first_reply_is_lost_is_retried_once_and_started_onc
         assert (await api.workflow(reply.body["workflow_id"]))["status"] == "running"
     again = await api.call("POST", "/v1/orders", json=ORDER, headers={"Idempotency-Key": "one-lost-reply"})
     assert (again.body["workflow_id"], again.headers["Idempotent-Replayed"]) == (keyed.body["workflow_id"], "true")
+
+
+async def test_while_redis_refuses_writes_a_start_is_503_and_reading_goes_on(api: Api) -> None:
+    workflow_id = await api.start_order()
+    async with refusing_writes(api.redis):
+        refused = await api.call("POST", "/v1/orders", json=ORDER)
+        assert_problem(refused, 503, None)
+        assert refused.body["type"].endswith(":unavailable")
+        assert refused.body["detail"].startswith("Redis refuses writes: ")
+        assert (await api.call("GET", f"/v1/workflows/{workflow_id}")).status == 200
+        # still ready: every controller shares this Redis, and reads work (docs/api.md)
+        assert (await api.call("GET", "/readyz")).status == 200
+    assert (await api.call("POST", "/v1/orders", json=ORDER)).status == 202
 
 
 async def test_an_outage_is_503_for_every_request_and_one_warning_in_the_log(
