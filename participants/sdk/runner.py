@@ -399,7 +399,8 @@ class Runner:
                     kinds.append((dead_letter_reason(error), 0, _type_of(entry)))
                     settled.append((entry.stream, entry.id))
             fresh: list[_Decoded] = []
-            for decoded, done in zip(valid, await self._already_handled(valid), strict=True):
+            handled = await through_outages(lambda: self._already_handled(valid), self._stop, self._outage)
+            for decoded, done in zip(valid, handled, strict=True):
                 if done:
                     entry = decoded[0]
                     commits.append(Commit().ack(entry.stream, self.group, entry.id))
