@@ -275,12 +275,12 @@ async def _start(
 @routes.post("/v1/orders")
 async def start_order(request: web.Request) -> web.Response:
     """Start an order saga; the body is an ``OrderIn``."""
-    body = await _json_body(request)
     definitions = request.app[DEFINITIONS]
     try:
         definition = definitions.latest(ORDER_SAGA.name)
-    except UnknownWorkflow:  # a controller started --without-order-saga
+    except UnknownWorkflow:  # a controller started --without-order-saga: whatever the body
         raise DefinitionNotFound(ORDER_SAGA.name, definitions.names()) from None
+    body = await _json_body(request)
     try:
         order = OrderIn.model_validate(body)
     except ValidationError as exc:

@@ -807,7 +807,6 @@ def _dlq_show(args: argparse.Namespace) -> int:
 def _dlq_replay(args: argparse.Namespace) -> int:
     from controller import dead_letters
     from participants.sdk.commit import CommitScript
-    from participants.sdk.consumer import entry_order
 
     try:
         for dead_letter_id in args.ids:
@@ -830,7 +829,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         # in the order the messages first came, whatever order the ids were given in (`dlq list`
         # shows the newest first): a workflow's timer replayed before the events it raced
         # would time out a step whose completion is only replayed after it
-        for letter in sorted(letters, key=lambda letter: entry_order(letter.source_id)):
+        for letter in sorted(letters, key=_first_came):
             try:
                 entry_id = await dead_letters.replay_letter(redis, letter, partitions=args.partitions, script=script)
             except dead_letters.NotReplayable as exc:
@@ -841,6 +840,17 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         return 1 if failed else 0
 
     return _with_redis(args, work)
+
+
+def _first_came(letter: DeadLetter) -> tuple[int, int]:
+    """When a dead letter's message first came: its source entry's id, or when that is missing
+    or unreadable (a letter written by hand), the dead letter's own."""
+    from participants.sdk.consumer import entry_order
+
+    try:
+        return entry_order(letter.source_id)
+    except ValueError:
+        return entry_order(letter.entry_id)
 
 
 def _dlq_purge(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from controller.instance import Instance, WorkflowStatus
 from controller.store import WorkflowStore
 from participants.sdk import tracing
 from participants.sdk.commit import Commit, Outcome
-from participants.sdk.connection import REFUSING_WRITES, UNAVAILABLE
+from participants.sdk.connection import REFUSING_WRITES, UNAVAILABLE, unavailable
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, decode_entry, entry_order
 from participants.sdk.logs import Outage
 from participants.sdk.metrics import DeadLetterReason, dead_letter_reason
@@ -117,7 +117,9 @@ class Correlator:
             try:
                 if self._stalled:
                     # what an outage interrupted, before anything new: still this consumer's,
-                    # so no delivery is spent on it (a pending scan's XCLAIM would count one)
+                    # so no delivery is spent on it (a pending scan's XCLAIM would count one),
+                    # and kept from looking abandoned to another controller's scan meanwhile
+                    await self.reader.hold(_by_stream(self._stalled))
                     stalled, self._stalled = self._stalled, []
                     await self._handle_or_stall(stalled)
                 if time.monotonic() >= next_pending:
@@ -168,8 +170,9 @@ class Correlator:
         """:meth:`handle`; if Redis is unavailable, keep the entries for the next round."""
         try:
             await self.handle(entries)
-        except UNAVAILABLE:
-            self._stalled = entries
+        except UNAVAILABLE as error:
+            if unavailable(error):
+                self._stalled = entries
             raise
 
     def _in_time(self, read: list[Entry]) -> list[Entry]:
@@ -343,6 +346,14 @@ def _log_commit(before: Instance, result: state_machine.Transition, envelope: En
         _note(cause.detail or after.error),
         extra=extra,
     )
+
+
+def _by_stream(entries: list[Entry]) -> list[tuple[str, list[str], int]]:
+    """``entries`` as :meth:`GroupReader.hold` takes them: per stream, their ids, idle time 0."""
+    ids: dict[str, list[str]] = {}
+    for entry in entries:
+        ids.setdefault(entry.stream, []).append(entry.id)
+    return [(stream, found, 0) for stream, found in ids.items()]
 
 
 def _note(detail: str | None) -> str:

@@ -9,6 +9,8 @@
 --                       field 'c' (the token of the commit that wrote k) must equal token
 --                       when token is not '' and 'c' exists
 --     requires k member member must already be in set k (an earlier commit applied)
+--     pending k group id  skip the whole commit unless entry id of stream k is pending in
+--                       group (a dead letter run again after it landed is not written twice)
 --   then the writes, each a name, a count n and n arguments, applied in order:
 --     hset k f v ...   rpush k v ...   xadd k maxlen|'' f v ...   xdel k id
 --     zadd k score member   zrem k member   zaddin k delay_ms member (score = the
@@ -33,11 +35,11 @@ end
 -- a dedupe duplicate's answer: with the token of the hash a later guard check names, if
 -- any (the checks from j on)
 local function duplicate(j)
-  while argv[j] == 'once' or argv[j] == 'guard' or argv[j] == 'requires' do
+  while argv[j] == 'once' or argv[j] == 'guard' or argv[j] == 'requires' or argv[j] == 'pending' do
     if argv[j] == 'guard' then
       return {'dupof', redis.call('HGET', KEYS[tonumber(argv[j + 1])], 'c') or ''}
     end
-    j = j + (argv[j] == 'guard' and 4 or 3)
+    j = j + ((argv[j] == 'guard' or argv[j] == 'pending') and 4 or 3)
   end
   return {'dup'}
 end
@@ -75,6 +77,15 @@ while true do
       return {'conflict', guarded and (redis.call('HGET', guarded, 'v') or '0') or '0'}
     end
     i = i + 3
+  elseif op == 'pending' then
+    local id = argv[i + 3]
+    -- (no such group: nothing is pending in it either)
+    local ok, found = pcall(redis.call, 'XPENDING', KEYS[tonumber(argv[i + 1])], argv[i + 2], id, id, 1)
+    if not ok or #found == 0 then
+      ack()
+      return {'dup'}
+    end
+    i = i + 4
   else
     break
   end

@@ -49,7 +49,7 @@ def _slot_tag(key: str) -> str:
 _WRITE_ORDER = (
     "hset", "rpush", "xadd", "xdel", "zadd", "zrem", "zaddin", "hincrby", "sadd", "set", "expire", "persist",
 )  # fmt: skip
-_CHECK_ORDER = ("dedupe", "once", "guard", "requires")
+_CHECK_ORDER = ("dedupe", "once", "guard", "requires", "pending")
 
 
 @dataclass
@@ -105,6 +105,12 @@ class Commit:
         """Conflict (write nothing) unless ``member`` is already in set ``key``: a commit
         chained on an earlier one must not land when that one did not."""
         self._checks["requires"] = (self._k(key), member)
+        return self
+
+    def pending(self, stream: str, group: str, entry_id: str) -> Commit:
+        """Do nothing (a duplicate) unless ``entry_id`` of ``stream`` is pending in ``group``:
+        for a commit that acks it, so that running it again after it landed changes nothing."""
+        self._checks["pending"] = (self._k(stream), group, entry_id)
         return self
 
     def guard(self, key: str, expected_version: int, expected_token: str = "") -> Commit:

@@ -10,8 +10,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError, DataError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
@@ -26,7 +26,14 @@ REFUSING_WRITES = (OutOfMemoryError, ReadOnlyError)
 """What Redis answers when it is reachable but takes no writes (out of memory under noeviction, a replica)."""
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, *REFUSING_WRITES)
 """Redis cannot be used just now (unreachable, too slow, loading, refusing writes): an outage to wait
-out, never a message's fault, so a consumer retries what it hit without spending a delivery."""
+out, never a message's fault, so a consumer retries what it hit without spending a delivery.  Catch
+these, then ask :func:`unavailable`: redis-py makes a refused password a connection error too."""
+
+
+def unavailable(error: BaseException) -> bool:
+    """Whether ``error`` says Redis cannot be used just now (:data:`UNAVAILABLE`), rather than that
+    it refused these credentials, which no waiting mends."""
+    return isinstance(error, UNAVAILABLE) and not isinstance(error, (AuthenticationError, AuthorizationError))
 
 
 class _HiredisPacking(AbstractConnection):

@@ -22,7 +22,7 @@ from contracts import naming
 from contracts.envelope import DecodeError, Envelope, decode
 from contracts.messages import Wire, parse_payload
 from participants.sdk.commit import Commit, CommitScript
-from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS, text
+from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS, REFUSING_WRITES, text
 from participants.sdk.scripts import Script, ScriptCall
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ DEAD_LETTER_MAXLEN = 100_000
 
 
 def dead_letter_commit(entry: Entry, group: str, consumer: str, reason: str) -> Commit:
-    """Move ``entry`` to its partition's dead-letter stream and ack it, atomically."""
+    """Move ``entry`` to its partition's dead-letter stream and ack it, atomically, once."""
     fields: dict[str, str | bytes] = {
         "reason": reason,
         "source_stream": entry.stream,
@@ -129,6 +129,7 @@ def dead_letter_commit(entry: Entry, group: str, consumer: str, reason: str) -> 
         fields[DLQ_FIELD_PREFIX + name.decode(errors="replace")] = value.decode(errors="replace")
     return (
         Commit()
+        .pending(entry.stream, group, entry.id)  # once: run again after it landed, it finds the entry acked
         .xadd(naming.dead_letter_stream(entry.partition), fields, maxlen=DEAD_LETTER_MAXLEN)
         .ack(entry.stream, group, entry.id)
     )
@@ -145,7 +146,9 @@ async def create_groups(redis: Redis, groups: Sequence[tuple[str, str]]) -> None
         results = await pipe.execute(raise_on_error=False)
     for (stream, group), result in zip(groups, results, strict=True):
         if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
-            raise type(result)(f"cannot create group {group!r} on {stream}: {result}")
+            # an OOM stays an OutOfMemoryError (an outage); MOVED and the like cannot take a message
+            kind = type(result) if isinstance(result, REFUSING_WRITES) else ResponseError
+            raise kind(f"cannot create group {group!r} on {stream}: {result}") from result
 
 
 READ_BOUND = 4

@@ -183,9 +183,8 @@ class Outage:
             self._told = now
             self._quiet = False
             self.logger.warning("%s failed again: %s", self.what, _describe(error))
-        elif self._told is None or now - self._told >= self.every_s:
+        elif not self._quiet and (self._told is None or now - self._told >= self.every_s):
             self._told = now
-            self._quiet = False
             self.logger.warning(
                 "%s still failing after %.0fs (%d failures): %s",
                 self.what,

@@ -37,7 +37,7 @@ from types import TracebackType
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from contracts import naming
 from contracts.envelope import DecodeError, Envelope, derived_message_id, encode, utcnow
@@ -45,7 +45,14 @@ from contracts.messages import PayloadError, Wire
 from participants.sdk import tracing
 from participants.sdk.autopipeline import AutoPipelineRedis
 from participants.sdk.commit import Commit, CommitResult, CommitScript, Outcome
-from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS, UNAVAILABLE, connect
+from participants.sdk.connection import (
+    DEFAULT_BLOCK_MS,
+    MAX_BLOCK_MS,
+    REFUSING_WRITES,
+    UNAVAILABLE,
+    connect,
+    unavailable,
+)
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit, decode_entry_parsed
 from participants.sdk.errors import Reject, Retry
 from participants.sdk.logs import Outage, log_context
@@ -135,6 +142,8 @@ class RunnerStats:
     duplicates: int = 0
     failed: int = 0
     dead_lettered: int = 0
+    unavailable: int = 0
+    """Tries (of a handler, a batch's commits) that found Redis unavailable and were made again in place."""
 
 
 @dataclass(frozen=True)
@@ -216,7 +225,10 @@ class Runner:
         self._settled_in_scan: set[_Key] | None = None  # entries batches settled while a pending scan ran
         self._batches: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()  # run()'s: ends the waits through an outage
-        self._outage = Outage(log, f"{participant.name} handling (Redis unavailable)")
+        self._handling_outage = Outage(log, f"{participant.name} handling (Redis unavailable)")
+        self._commit_outage = Outage(log, f"{participant.name} committing (Redis unavailable)")
+        self._writable = asyncio.Event()  # cleared while commits find Redis refusing them: reading waits
+        self._writable.set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._heartbeat_halt = asyncio.Event()
         self._started_ms = int(time.time() * 1000)
@@ -344,6 +356,11 @@ class Runner:
             if not self._capacity.is_set():
                 await wait_until(self._capacity, self.settings.block_ms / 1000)
                 continue
+            if not self._writable.is_set():
+                # Redis still hands out entries while it refuses writes: read no more than the
+                # batches waiting to commit, or they would pile up without bound
+                await wait_until(self._writable, self.settings.block_ms / 1000)
+                continue
             try:
                 entries = await self.reader.read()
             except RedisError as error:
@@ -399,7 +416,7 @@ class Runner:
                     kinds.append((dead_letter_reason(error), 0, _type_of(entry)))
                     settled.append((entry.stream, entry.id))
             fresh: list[_Decoded] = []
-            handled = await through_outages(lambda: self._already_handled(valid), self._stop, self._outage)
+            handled = await through_outages(lambda: self._already_handled(valid), self._stop, self._handling_outage)
             for decoded, done in zip(valid, handled, strict=True):
                 if done:
                     entry = decoded[0]
@@ -473,16 +490,65 @@ class Runner:
         it finds Redis unavailable, until it gets through or the runner stops.  Its entry stays
         this consumer's and held meanwhile, so the outage spends none of its deliveries (a
         retry through a pending scan would: ``XCLAIM`` counts one)."""
+
+        async def attempt() -> _Result:
+            try:
+                return await self._handle(entry, envelope, parsed)
+            except UNAVAILABLE as error:
+                if unavailable(error) and not await self._redis_usable(error):
+                    self.stats.unavailable += 1
+                    raise
+                # the handler's own dependency (another Redis, say), or a refused password: its failure
+                extra: dict[str, object] = {"correlation_id": envelope.correlation_id, "message_type": envelope.type}
+                return self._failed(entry, envelope, error, extra)
+
         try:
-            return await through_outages(lambda: self._handle(entry, envelope, parsed), self._stop, self._outage)
+            return await through_outages(attempt, self._stop, self._handling_outage)
         except UNAVAILABLE as error:  # stopped meanwhile
             return _Unavailable(error)
 
+    async def _redis_usable(self, error: Exception) -> bool:
+        """Whether the runner's own Redis works, which a handler's ``error`` called into doubt:
+        whether it takes a write (after a refusal) or answers at all (after a lost connection)."""
+        try:
+            await (self._beat() if isinstance(error, REFUSING_WRITES) else self.redis.ping())
+        except UNAVAILABLE:
+            return False
+        return True
+
     async def _commit(self, commits: list[Commit]) -> list[CommitResult]:
-        """Run a batch's commits, again after a pause for as long as Redis is unavailable (as
-        :meth:`_handle_through_outages`; a commit that landed unseen finds its outcome record
-        the next time and only acks).  Raises what stopped it when the runner stops."""
-        return await through_outages(lambda: self._script.run(self.redis, commits), self._stop, self._outage)
+        """Run a batch's commits; those Redis refused or could not take are run again after a
+        pause (as :meth:`_handle_through_outages`) until they land, the others not again (a
+        dead letter must not be written twice).  Reading waits meanwhile.  Raises what stopped
+        it when the runner stops, or a commit the script refused for another reason."""
+        results: dict[int, CommitResult] = {}
+        todo = list(range(len(commits)))
+
+        async def attempt() -> None:
+            nonlocal todo
+            try:
+                answers = await self._script.run_each(self.redis, [commits[i] for i in todo])
+            except UNAVAILABLE:
+                self.stats.unavailable += 1
+                self._writable.clear()
+                raise
+            refused: list[tuple[int, Exception]] = []
+            for i, answer in zip(todo, answers, strict=True):
+                if isinstance(answer, REFUSING_WRITES):
+                    refused.append((i, answer))
+                elif isinstance(answer, ResponseError):
+                    raise answer
+                else:
+                    results[i] = answer
+            todo = [i for i, _ in refused]
+            if refused:
+                self.stats.unavailable += 1
+                self._writable.clear()
+                raise refused[0][1]
+
+        await through_outages(attempt, self._stop, self._commit_outage)
+        self._writable.set()
+        return [results[i] for i in range(len(commits))]
 
     async def _handle(self, entry: Entry, envelope: Envelope, parsed: Wire | None = None) -> _Result:
         extra: dict[str, object] = {

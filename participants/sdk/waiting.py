@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from participants.sdk.connection import UNAVAILABLE
+from participants.sdk.connection import UNAVAILABLE, unavailable
 from participants.sdk.logs import Outage
 
 T = TypeVar("T")
@@ -34,6 +34,8 @@ async def through_outages(attempt: Callable[[], Awaitable[T]], stop: asyncio.Eve
         try:
             result = await attempt()
         except UNAVAILABLE as error:
+            if not unavailable(error):
+                raise
             outage.failed(error)
             if await wait_until(stop, pause):
                 raise

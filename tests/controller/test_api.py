@@ -520,6 +520,8 @@ async def test_a_controller_without_the_order_saga_runs_only_its_own_workflows(
     refused = await api.call("POST", "/v1/orders", json=ORDER)
     assert_problem(refused, 404, "name")  # the definition it names
     assert refused.body["type"].endswith("definition-not-found")
+    headers = {"Content-Type": "application/json"}
+    assert (await api.call("POST", "/v1/orders", data=b"{not json", headers=headers)).status == 404
     uncovered = (await api.call("GET", "/v1/participants")).body["uncovered"]
     assert {entry["workflow"] for entry in uncovered} == {"greeting"}  # no order step is missed
     assert (await api.call("POST", "/v1/workflows/greeting", json={"to": "world"})).status == 202

@@ -26,7 +26,7 @@ from controller.embedded_redis import free_port
 from controller.settings import ControllerSettings
 from participants.sdk import Message, Participant, Reply
 from participants.sdk.commit import CommitScript
-from participants.sdk.consumer import Entry, dead_letter_commit
+from participants.sdk.consumer import Entry, create_groups, dead_letter_commit
 from tests.conftest import eventually
 from tests.controller.test_api import Api, P, assert_problem
 from tests.controller.test_cli import cli
@@ -293,6 +293,9 @@ async def write_letters(
         fields = encode(message(workflow_id, type_field or message_type, {}))
         source = stream(workflow_id, message_type)
         source_id = await add(redis, source, fields)
+        # held by the consumer that gives up on it, as a dead-lettered entry always is
+        await create_groups(redis, [(source, group)])
+        await redis.xclaim(source, group, "c-1", 0, [source_id], force=True, justid=True)
         raw = {name.encode(): value if isinstance(value, bytes) else value.encode() for name, value in fields.items()}
         entry = Entry(source, source_id, raw)
         await next_ms(redis)
@@ -340,11 +343,14 @@ async def test_the_list_is_newest_first_across_partitions_and_filters_by_group_t
 
 async def test_a_filter_finds_a_match_behind_a_page_of_others(redis: Redis) -> None:
     [match] = await write_letters(redis, [(in_partition(0), "PaymentCaptured", "payment")])
-    others = [
-        dead_letter_commit(Entry(naming.message_stream(0, "Ping"), f"1-{i}", {b"type": b"Ping"}), "noise", "c", "x")
-        for i in range(dead_letters.MAX_SCAN_PAGE + 10)
-    ]
-    await CommitScript().run(redis, others)
+    others = range(dead_letters.MAX_SCAN_PAGE + 10)  # newer letters of another group, in the same partition
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in others:
+            fields: dict[Any, Any] = {"reason": "x", "source_stream": naming.message_stream(0, "Ping")}
+            pipe.xadd(
+                naming.dead_letter_stream(0), {**fields, "source_id": f"1-{i}", "group": "noise", "f:type": "Ping"}
+            )
+        await pipe.execute()
 
     found = await dead_letters.list_dead_letters(redis, P, limit=1, group="payment")
 
@@ -522,6 +528,21 @@ async def test_dlq_replay_sends_a_workflows_letters_back_oldest_first_whatever_o
 
     assert code == 0
     assert [line.split()[1] for line in out.splitlines()] == [letter.id for letter in letters]
+
+
+async def test_dlq_replay_orders_a_letter_without_source_id_by_its_own_id(
+    redis: Redis, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    [written] = await write_letters(redis, [("wf-1", "Ping", "echo")])
+    by_hand: dict[Any, Any] = {**{f"f:{name}": value for name, value in written.fields.items()}, "reason": "by hand"}
+    by_hand["source_stream"] = written.source_stream  # and no source_id
+    await redis.xadd(naming.dead_letter_stream(written.partition), by_hand)
+    [hand, _] = await dead_letters.list_dead_letters(redis, P, limit=10)
+
+    code, out, err = await dlq(capsys, redis_url, "replay", hand.id, written.id)
+
+    assert (code, err) == (0, "")
+    assert [line.split()[1] for line in out.splitlines()] == [written.id, hand.id]
 
 
 async def test_dlq_purge_asks_on_a_terminal_and_refuses_elsewhere_without_yes(

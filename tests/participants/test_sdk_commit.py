@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from contracts import naming
 from participants.sdk.commit import Commit, CommitScript, Outcome
+from participants.sdk.consumer import Entry, create_groups, dead_letter_commit
 
 
 async def add(redis: Redis, stream: str, fields: dict[str, str]) -> str:
@@ -106,3 +107,18 @@ async def test_a_guard_refuses_the_same_version_written_by_another_commit(redis:
     [fresh] = await script.run(redis, [Commit().guard(key, 1, first.token).hset(key, {"v": "2"})])
     assert (stale.outcome, stale.value) == (Outcome.CONFLICT, "1")
     assert fresh.outcome is Outcome.OK
+
+
+async def test_a_dead_letter_run_again_after_it_landed_is_not_written_twice(redis: Redis) -> None:
+    stream = naming.message_stream(0, "Ping")
+    entry_id = await redis.xadd(stream, {"type": "Ping"})
+    await create_groups(redis, [(stream, "echo")])
+    await redis.xreadgroup("echo", "c-1", {stream: ">"})
+    entry = Entry(stream, entry_id if isinstance(entry_id, str) else entry_id.decode(), {b"type": b"Ping"})
+    letter = dead_letter_commit(entry, "echo", "c-1", "gave up")
+
+    first, again = await CommitScript().run(redis, [letter, letter])  # as a retry after a lost reply sends it
+
+    assert (first.outcome, again.outcome) == (Outcome.OK, Outcome.DUPLICATE)
+    assert await redis.xlen(naming.dead_letter_stream(0)) == 1
+    assert (await redis.xpending(stream, "echo"))["pending"] == 0

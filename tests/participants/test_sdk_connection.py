@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from redis import exceptions as errors
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.exceptions import DataError
 
-from participants.sdk.connection import HiredisConnection, HiredisUnixConnection, connect
+from participants.sdk.connection import HiredisConnection, HiredisUnixConnection, connect, unavailable
 
 COMMANDS: list[tuple[Any, ...]] = [
     ("SET", "key", "value"),
@@ -100,3 +101,20 @@ async def _kill(redis: Redis, name: str) -> int:
         if client["name"] == name:
             killed += await redis.client_kill_filter(_id=client["id"])
     return killed
+
+
+def test_an_outage_is_waited_out_but_refused_credentials_are_not() -> None:
+    for outage in (
+        errors.ConnectionError("gone"),
+        errors.TimeoutError("slow"),
+        errors.BusyLoadingError("loading"),
+        errors.OutOfMemoryError("oom"),
+        errors.ReadOnlyError("a replica"),
+    ):
+        assert unavailable(outage), outage
+    for refusal in (
+        errors.AuthenticationError("wrong password"),  # a ConnectionError to redis-py
+        errors.AuthorizationError("no ACL"),
+        errors.ResponseError("WRONGTYPE"),
+    ):
+        assert not unavailable(refusal), refusal

@@ -13,15 +13,18 @@ import orjson
 import pytest
 from pydantic import BaseModel
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry as ConnectionRetry
+from redis.backoff import NoBackoff
 
 from contracts import naming
 from contracts.envelope import derived_message_id, encode
 from contracts.messages import OrderSubmitted, PaymentCaptured, ShipmentFailed
+from controller.embedded_redis import free_port
 from participants.sdk import Message, Participant, Reject, Reply, Retry
 from participants.sdk.consumer import Entry, GroupReader
 from participants.sdk.runner import run_participant
 from tests.conftest import eventually
-from tests.faults import refusing_writes, through_proxy, writes_refused
+from tests.faults import refusing_writes, through_proxy
 from tests.participants.helpers import (
     PARTITIONS,
     dead_letters,
@@ -275,11 +278,10 @@ async def test_an_outage_spends_no_delivery_however_long_it_lasts(redis: Redis, 
         await publish(redis, message)
         await eventually(lambda: asyncio.sleep(0, tries), lambda found: found == [1], what="the first try")
         async with refusing_writes(redis):
-            refused = await writes_refused(redis)
             outage_begun.set()
-            # far longer than two deliveries' backoff (20 ms): a retry through a claim would
-            # have spent both and dead-lettered the message
-            await eventually(lambda: writes_refused(redis), lambda n: n >= refused + 3, what="writes refused")
+            # three tries in place (0.5 + 1 s): far longer than two deliveries' backoff (20 ms),
+            # so a retry through a claim would have spent both and dead-lettered the message
+            await eventually(lambda: asyncio.sleep(0, runner.stats.unavailable), lambda n: n >= 3, what="tries")
             [entry] = await redis.xpending_range(stream_of(message), "keeper", "-", "+", 1)
             assert (entry["consumer"], entry["times_delivered"]) == (b"live", 1)
         [pong] = await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 1, what="the reply")
@@ -292,6 +294,54 @@ async def test_an_outage_spends_no_delivery_however_long_it_lasts(redis: Redis, 
     assert await dead_letters(redis) == []
     assert await pending_count(redis, stream_of(message), "keeper") == 0
     assert (runner.stats.failed, runner.stats.dead_lettered) == (0, 0)
+
+
+async def test_while_redis_refuses_the_commits_no_more_is_read(redis: Redis, redis_url: str) -> None:
+    outage_begun = asyncio.Event()
+    quick = Participant("quick")
+
+    @quick.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        await outage_begun.wait()
+        return Reply("Pong")  # touches no Redis: only the commits are refused
+
+    messages = [envelope("Ping", correlation_id=f"wf-{i}") for i in range(40)]
+    streams = {stream_of(message) for message in messages}
+    async with running(quick, fast_settings(redis_url, concurrency=2, batch=2)) as runner:
+        for message in messages:
+            await publish(redis, message)
+        await eventually(lambda: pending(redis, streams), lambda n: n >= 1, what="the first batch taken")
+        async with refusing_writes(redis):
+            outage_begun.set()  # handlers finish, their slots free up: Redis would hand out the rest
+            await eventually(lambda: asyncio.sleep(0, runner.stats.unavailable), lambda n: n >= 3, what="refusals")
+            assert await pending(redis, streams) <= 16  # the reads before the first refusal (up to 8 each), not all 40
+        await eventually(lambda: emitted(redis, "Pong"), lambda found: len(found) == 40, what="every reply")
+
+
+async def pending(redis: Redis, streams: Collection[str]) -> int:
+    return sum([await pending_count(redis, stream, "quick") for stream in streams])
+
+
+async def test_a_handlers_own_redis_failing_is_its_failure_not_an_outage(redis: Redis, redis_url: str) -> None:
+    tries: list[int] = []
+    dependent = Participant("dependent")
+
+    @dependent.on("Ping")
+    async def ping(msg: Message) -> Reply:
+        tries.append(msg.attempt)
+        other = Redis(port=free_port(), retry=ConnectionRetry(NoBackoff(), 0))  # a store of its own, down
+        try:
+            await other.ping()
+        finally:
+            await other.aclose()
+        return Reply("Pong")
+
+    async with running(dependent, fast_settings(redis_url, max_deliveries=2)) as runner:
+        await publish(redis, envelope("Ping"))
+        [dead] = await eventually(lambda: dead_letters(redis), lambda found: len(found) == 1, what="a dead letter")
+    assert tries == [1, 2]  # retried as deliveries, then given up: the runner's own Redis was fine
+    assert dead["reason"].startswith("gave up after 2 deliveries: ConnectionError:")
+    assert runner.stats.unavailable == 0
 
 
 async def test_a_participant_started_while_redis_cannot_be_reached_waits_for_it(
