@@ -457,6 +457,9 @@ function timeline(w, events) {
     }
   }
   for (const event of events) stamps.push(ms(event.at));
+  if (!FINISHED.has(w.status)) {
+    for (const step of w.steps) if (step.deadline_at) stamps.push(ms(step.deadline_at)); // the axis reaches them
+  }
   const span = Math.max(1, Math.max(...stamps.filter(Number.isFinite)) - t0);
   const at = (t) => Math.min(100, Math.max(0, ((t - t0) / span) * 100));
   const bar = (cls, from, to, label) =>
@@ -487,8 +490,9 @@ function timeline(w, events) {
     }
     if (step.deadline_at && !FINISHED.has(w.status)) {
       const deadline = ms(step.deadline_at);
-      if (deadline - t0 <= span) track.append(h("span", { class: "marker deadline", style: { left: `${at(deadline)}%` } }));
-      facts.push(h("span", { class: "deadline-text" }, "deadline ", time(step.deadline_at)));
+      const what = step.retrying ? "next try" : "deadline"; // a compensation waiting to try again
+      track.append(h("span", { class: "marker deadline", title: what, style: { left: `${at(deadline)}%` } }));
+      facts.push(h("span", { class: "deadline-text" }, `${what} `, time(step.deadline_at)));
     }
     if (step.attempts > 1 || step.retrying) {
       facts.push(h("span", {}, `attempt ${step.attempts}${step.retrying ? ", retrying" : ""}`));
@@ -528,10 +532,11 @@ function timeline(w, events) {
 
 function historyTable(w, events, open) {
   const t0 = ms(w.created_at);
-  const rows = events.map((e) =>
+  // a line's detail gets a row of its own under it: as a column it was pushed out of the panel
+  const rows = events.flatMap((e) => [
     h(
       "tr",
-      { dataset: { seq: e.seq, direction: e.direction } },
+      { class: e.detail ? "has-detail" : null, dataset: { seq: e.seq, direction: e.direction } },
       h("td", { class: "num" }, String(e.seq)),
       h("td", { class: "num", title: e.at }, `+${formatDuration(ms(e.at) - t0)}`),
       h(
@@ -548,9 +553,9 @@ function historyTable(w, events, open) {
       ),
       h("td", {}, e.step ? `${e.step}${e.step_status ? ` → ${statusText(e.step_status)}` : ""}` : ""),
       h("td", {}, badge(e.status, "small")),
-      h("td", { class: "detail-cell" }, e.detail || ""),
     ),
-  );
+    e.detail ? h("tr", { class: "detail-row" }, h("td"), h("td", { colspan: 4, class: "detail-cell" }, e.detail)) : null,
+  ]).filter(Boolean);
   return h(
     "details",
     { class: "history", open },
@@ -568,7 +573,7 @@ function historyTable(w, events, open) {
           h(
             "tr",
             {},
-            ["#", "At", "Message", "Step", "Workflow", "Detail"].map((c) => h("th", { scope: "col" }, c)),
+            ["#", "At", "Message", "Step", "Workflow"].map((c) => h("th", { scope: "col" }, c)),
           ),
         ),
         h("tbody", {}, rows),
@@ -613,6 +618,19 @@ async function retry(id, button) {
   refreshStats();
   pendingSummaries.add(id);
   refreshSummariesSoon();
+}
+
+async function purge(letter, button) {
+  if (!window.confirm(`Delete dead letter ${letter.id} for good? Its message is lost.`)) return;
+  button.disabled = true;
+  try {
+    await api(`/v1/dead-letters/${encodeURIComponent(letter.id)}`, { method: "DELETE" });
+    notify(`Purged dead letter ${letter.id}.`);
+  } catch (error) {
+    notify(`Purge of dead letter ${letter.id} failed: ${error.message}`, "error");
+    button.disabled = false;
+  }
+  refreshDeadLetters();
 }
 
 async function replay(letter, button) {
@@ -738,6 +756,17 @@ const refreshDeadLetters = single(async () => {
             onclick: (event) => replay(l, event.currentTarget),
           },
           "Replay",
+        ),
+        " ",
+        h(
+          "button",
+          {
+            type: "button",
+            class: "button subtle purge",
+            "aria-label": `Purge dead letter ${l.id}`,
+            onclick: (event) => purge(l, event.currentTarget),
+          },
+          "Purge",
         ),
       ),
     ),

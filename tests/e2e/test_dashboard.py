@@ -11,6 +11,7 @@ when the machine has none (no root needed).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -165,6 +166,16 @@ async def test_orders_turn_completed_and_compensated_on_the_page_as_they_progres
     types = [text.strip() for text in await history.locator(".type").all_text_contents()]
     assert types[0] == "OrderSubmitted"
     assert types.index("ReleaseInventory") < types.index("RefundPayment")
+    # a line's detail (what the payment worker says it refunded) on a row of its own, within the panel
+    refunded = dashboard.page.locator("#detail .history .detail-row").filter(has_text="refunded")
+    details = dashboard.page.locator("#detail .history")
+    if await details.get_attribute("open") is None:
+        await details.locator("summary").click()
+    await expect(refunded).to_be_visible()
+    box, panel = await refunded.bounding_box(), await dashboard.page.locator("#detail").bounding_box()
+    assert box is not None
+    assert panel is not None
+    assert box["x"] + box["width"] <= panel["x"] + panel["width"] + 1
 
     # every worker is listed live; a count filters the list
     for worker in ("payment", "inventory", "shipping", "notification"):
@@ -274,7 +285,14 @@ async def test_dead_letters_are_listed_and_replayed_from_the_page(
 
     await broken_row.get_by_role("button", name="Replay").click()
     await dashboard.sees_notice("cannot be replayed")
+    await expect(dashboard.page.locator("#notice")).to_be_in_viewport()  # where the button was, scrolled down
     await expect(broken_row).to_have_count(1)
+    # an entry that can never be replayed is purged from the page, once confirmed
+    dashboard.page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await broken_row.get_by_role("button", name="Purge").click()
+    await dashboard.sees_notice("Purged dead letter")
+    await expect(letters).to_have_count(1)
+    await expect(dashboard.page.locator("#dead-letters-count")).to_have_text("1")
 
     await ghost_row.get_by_role("button", name="Replay").click()
     await dashboard.sees_notice(f"Replayed dead letter {ghost_id}")
@@ -282,6 +300,27 @@ async def test_dead_letters_are_listed_and_replayed_from_the_page(
     await expect(dashboard.page.locator(f'#dead-letters tr[data-dead-letter-id="{ghost_id}"]')).to_have_count(0)
     await expect(ghost_row).to_have_count(1, timeout=UI_TIMEOUT_MS)
     assert await ghost_row.get_attribute("data-dead-letter-id") != ghost_id
+
+
+async def test_a_running_steps_deadline_is_on_the_axis_and_a_phone_needs_no_sideways_scrolling(
+    deployment: Deployment, session: aiohttp.ClientSession, dashboard: Dashboard
+) -> None:
+    deployment.start_controller()
+    deployment.start_worker("payment")  # and no inventory worker: its step runs on until its deadline
+    await deployment.wait_ready(session)
+    await dashboard.open()
+    status, reply = await deployment.submit(session, order(customer="waits"))
+    assert status == 202, reply
+    await dashboard.open_timeline(reply["workflow_id"])
+    inventory = dashboard.step("inventory")
+    await expect(inventory.locator(".badge")).to_have_text("running")
+    await expect(inventory.locator(".step-facts")).to_contain_text("deadline")
+    await expect(inventory.locator(".marker.deadline")).to_have_count(1)  # the axis reaches it
+
+    await dashboard.page.set_viewport_size(ViewportSize(width=390, height=844))
+    overflow = await dashboard.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow}px wider than a phone's screen"
+    await dashboard.screenshot("phone")
 
 
 async def test_the_page_and_its_files_are_served_under_a_strict_policy_and_nothing_else_is(
