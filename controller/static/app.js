@@ -724,6 +724,19 @@ const refreshParticipants = single(async () => {
   $("#participants-updated").textContent = `updated ${timeFormat.format(new Date())}`;
 });
 
+/** A button that runs ``action(letter, button)`` on a dead letter. */
+const letterButton = (letter, label, kind, action) =>
+  h(
+    "button",
+    {
+      type: "button",
+      class: `button ${kind}`,
+      "aria-label": `${label} dead letter ${letter.id}`,
+      onclick: (event) => action(letter, event.currentTarget),
+    },
+    label,
+  );
+
 const refreshDeadLetters = single(async () => {
   const { dead_letters: letters } = await api("/v1/dead-letters?limit=50");
   $("#dead-letters-count").textContent = letters.length >= 50 ? "50+" : String(letters.length);
@@ -747,27 +760,9 @@ const refreshDeadLetters = single(async () => {
       h(
         "td",
         { class: "action" },
-        h(
-          "button",
-          {
-            type: "button",
-            class: "button replay",
-            "aria-label": `Replay dead letter ${l.id}`,
-            onclick: (event) => replay(l, event.currentTarget),
-          },
-          "Replay",
-        ),
+        letterButton(l, "Replay", "replay", replay),
         " ",
-        h(
-          "button",
-          {
-            type: "button",
-            class: "button subtle purge",
-            "aria-label": `Purge dead letter ${l.id}`,
-            onclick: (event) => purge(l, event.currentTarget),
-          },
-          "Purge",
-        ),
+        letterButton(l, "Purge", "subtle purge", purge),
       ),
     ),
   );
