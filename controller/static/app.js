@@ -190,6 +190,7 @@ function setMode(mode) {
   if (state.mode === mode) return;
   state.mode = mode;
   $("#connection").dataset.mode = mode;
+  document.body.dataset.connection = mode; // the page greys out what it can no longer vouch for
   $("#connection-text").textContent = MODE_TEXT[mode];
 }
 

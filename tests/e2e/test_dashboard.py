@@ -201,6 +201,15 @@ async def test_without_the_live_feed_the_page_polls_and_still_follows_the_workfl
     await dashboard.sees_status(reply["workflow_id"], "compensated")
     await dashboard.sees_count("compensated", 1)
 
+    # the controller goes away: the page greys out what it can no longer vouch for, until it is back
+    await dashboard.page.route("**/v1/**", lambda route: route.abort())
+    await expect(dashboard.page.locator("#connection")).to_have_attribute("data-mode", "offline")
+    await expect(dashboard.page.locator("main")).to_have_css("opacity", "0.55")
+    await dashboard.page.unroute("**/v1/**")
+    await dashboard.page.route("**/v1/events*", lambda route: route.fulfill(status=404))
+    await expect(dashboard.page.locator("#connection")).to_have_attribute("data-mode", "polling")
+    await expect(dashboard.page.locator("main")).to_have_css("opacity", "1")
+
 
 async def test_a_workflow_that_needs_attention_is_resumed_by_the_retry_button(
     deployment: Deployment, session: aiohttp.ClientSession, dashboard: Dashboard, tmp_path: Path
