@@ -321,7 +321,8 @@ function renderRecent() {
     .slice(0, RECENT_LIMIT)
     .map((w) => ({ ...w, selected: w.workflow_id === state.selected }));
   if (!items.length) {
-    const text = state.filter ? `No ${statusText(state.filter)} workflows.` : "No workflows yet: POST /v1/orders starts one.";
+    const none = state.filter === "needs_attention" ? "No workflow needs attention." : `No ${statusText(state.filter)} workflows.`;
+    const text = state.filter ? none : "No workflows yet: POST /v1/orders starts one.";
     syncRows(tbody, [emptyRow(6, text)]);
     return;
   }

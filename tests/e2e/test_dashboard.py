@@ -134,6 +134,7 @@ async def test_orders_turn_completed_and_compensated_on_the_page_as_they_progres
     await deployment.wait_ready(session)
     await dashboard.open()
     await dashboard.sees_count("total", 0)
+    await expect(dashboard.page.locator("[data-count=total]")).to_have_attribute("aria-pressed", "true")  # all
     await expect(dashboard.page.locator("#recent tbody")).to_contain_text("No workflows yet")
 
     ids = {}
@@ -181,6 +182,7 @@ async def test_orders_turn_completed_and_compensated_on_the_page_as_they_progres
     for worker in ("payment", "inventory", "shipping", "notification"):
         await expect(dashboard.page.locator(f'#participants tr[data-participant="{worker}"]')).to_contain_text("live")
     await dashboard.count("completed").click()
+    await expect(dashboard.page.locator("[data-count=total]")).to_have_attribute("aria-pressed", "false")
     await expect(dashboard.row(ids["far"])).to_have_count(0)
     await expect(dashboard.row(ids["ok"])).to_have_count(1)
     await dashboard.screenshot("outcomes")
