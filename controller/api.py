@@ -391,6 +391,7 @@ async def list_participants(request: web.Request) -> web.Response:
         forget_after_s=settings.liveness_forget_s,
     )
     uncovered = liveness.uncovered_steps(definitions, found.participants)
+    uncovered = await liveness.waiting(request.app[REDIS], settings.partitions, uncovered)
     return _json(
         {
             "participants": [view.as_json() for view in found.participants],

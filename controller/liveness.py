@@ -222,11 +222,17 @@ class Survey:
 
 
 class Uncovered(NamedTuple):
-    """A message type a step needs handled that no live consumer of its participant subscribes to."""
+    """A message type a step needs handled that no live consumer of its participant subscribes
+    to, and how many of them wait for the participant's group meanwhile (see :func:`waiting`)."""
 
     definition: WorkflowDefinition
     step: StepDefinition
     message_type: str
+    lag: Lag | None = None
+
+    @property
+    def group(self) -> str:
+        return naming.participant_group(self.step.participant)
 
     @property
     def role(self) -> str:
@@ -243,7 +249,18 @@ class Uncovered(NamedTuple):
             "participant": self.step.participant,
             "type": self.message_type,
             "role": self.role,
+            **(self.lag.as_json() if self.lag is not None else {}),
         }
+
+
+async def waiting(redis: Redis, partitions: int, uncovered: list[Uncovered]) -> list[Uncovered]:
+    """``uncovered``, each with its group's lag on its type: the messages that wait for a
+    worker nobody runs (a participant stopped cleanly leaves no heartbeat to list it by)."""
+    wanted: dict[str, set[str]] = {}
+    for missing in uncovered:
+        wanted.setdefault(missing.group, set()).add(missing.message_type)
+    lags = await _lags(redis, partitions, wanted)
+    return [missing._replace(lag=lags.get((missing.group, missing.message_type), Lag())) for missing in uncovered]
 
 
 # --- reading ---------------------------------------------------------------------------

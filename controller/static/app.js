@@ -719,7 +719,12 @@ const refreshParticipants = single(async () => {
   const warnings = $("#uncovered");
   warnings.replaceChildren(
     ...found.uncovered.map((u) =>
-      h("li", {}, `No live ${u.participant} worker handles ${u.type}: step ${u.step} of ${u.workflow} v${u.version} (${u.role}).`),
+      h(
+        "li",
+        {},
+        `No live ${u.participant} worker handles ${u.type}: step ${u.step} of ${u.workflow} v${u.version} (${u.role})` +
+          (u.lag ? `; ${u.lag} waiting.` : "."),
+      ),
     ),
   );
   warnings.hidden = found.uncovered.length === 0;

@@ -189,7 +189,10 @@ async def test_a_worker_that_stops_disappears_and_its_steps_become_uncovered(
     async with running(greeter(), fast_settings(redis_url)):
         await eventually(lambda: listing(api), lambda b: uncovered(b) == set(), what="the greeter covering its step")
 
-    body = await eventually(lambda: listing(api), lambda b: named(b, "greeter") is None, what="the greeter gone")
+    await eventually(lambda: listing(api), lambda b: named(b, "greeter") is None, what="the greeter gone")
+    started = await api.call("POST", "/v1/workflows/greeting", json={"to": "nobody"})  # its trigger waits
+    assert started.status == 202, started.body
+    body = await listing(api)
 
     assert uncovered(body) == GREETING_NEEDS
     [trigger] = [u for u in body["uncovered"] if u["type"] == "GreetingRequested"]
@@ -200,6 +203,10 @@ async def test_a_worker_that_stops_disappears_and_its_steps_become_uncovered(
         "participant": "greeter",
         "type": "GreetingRequested",
         "role": "trigger",
+        "lag": 1,  # what waits for the worker nobody runs
+        "undelivered": 1,
+        "pending": 0,
+        "exact": True,
     }
 
 

@@ -327,6 +327,11 @@ async def test_a_running_steps_deadline_is_on_the_axis_and_a_phone_needs_no_side
     await expect(inventory.locator(".badge")).to_have_text("running")
     await expect(inventory.locator(".step-facts")).to_contain_text("deadline")
     await expect(inventory.locator(".marker.deadline")).to_have_count(1)  # the axis reaches it
+    # and what waits for the worker nobody runs
+    await expect(dashboard.page.locator("#uncovered")).to_contain_text("handles PaymentCaptured")
+    await expect(dashboard.page.locator("#uncovered li").filter(has_text="PaymentCaptured")).to_contain_text(
+        "1 waiting", timeout=UI_TIMEOUT_MS
+    )
 
     await dashboard.page.set_viewport_size(ViewportSize(width=390, height=844))
     overflow = await dashboard.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
