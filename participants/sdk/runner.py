@@ -546,8 +546,10 @@ class Runner:
                 self._writable.clear()
                 raise refused[0][1]
 
-        await through_outages(attempt, self._stop, self._commit_outage)
-        self._writable.set()
+        try:
+            await through_outages(attempt, self._stop, self._commit_outage)
+        finally:
+            self._writable.set()  # landed, or given up on (stopping, another error): reading may go on
         return [results[i] for i in range(len(commits))]
 
     async def _handle(self, entry: Entry, envelope: Envelope, parsed: Wire | None = None) -> _Result:
