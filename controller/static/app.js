@@ -23,6 +23,7 @@ const state = {
   token: sessionStorage.getItem(TOKEN_KEY) || "",
   filter: "",
   recent: new Map(), // workflow_id -> summary, as GET /v1/workflows lists them
+  counts: null, // status ("" for all) -> workflows, as GET /v1/stats counts them
   selected: null, // the workflow whose timeline is open
   detail: null, // {workflow, events} of the selected workflow
   mode: "connecting",
@@ -267,6 +268,8 @@ function coalesce(fn, delay) {
 
 const refreshStats = single(async () => {
   const { counts, total } = await api("/v1/stats");
+  state.counts = { ...counts, "": total };
+  renderRecentMore();
   for (const button of document.querySelectorAll("[data-count]")) {
     const key = button.dataset.count;
     const value = key === "total" ? total : counts[key] ?? 0;
@@ -327,6 +330,16 @@ function renderRecent() {
     return;
   }
   syncRows(tbody, keyedRows(tbody, items, (w) => w.workflow_id, recentRow));
+  renderRecentMore();
+}
+
+/** Under the list, when it cannot show them all: how many there are. */
+function renderRecentMore() {
+  const shown = Math.min(state.recent.size, RECENT_LIMIT);
+  const all = state.counts?.[state.filter] ?? 0;
+  const more = $("#recent-more");
+  more.hidden = all <= shown;
+  more.textContent = `The ${shown} most recently updated of ${all}; a workflow's own page is #/workflows/<id>.`;
 }
 
 /** Re-fetch the summaries of workflows that had news, a burst at a time. */

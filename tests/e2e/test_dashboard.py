@@ -333,6 +333,13 @@ async def test_a_running_steps_deadline_is_on_the_axis_and_a_phone_needs_no_side
         "1 waiting", timeout=UI_TIMEOUT_MS
     )
 
+    more = dashboard.page.locator("#recent-more")
+    await expect(more).to_be_hidden()
+    for _ in range(50):  # one more than the list shows
+        status, reply = await deployment.submit(session, order(customer="many"))
+        assert status == 202, reply
+    await expect(more).to_have_text("The 50 most recently updated of 51; a workflow's own page is #/workflows/<id>.")
+
     await dashboard.page.set_viewport_size(ViewportSize(width=390, height=844))
     overflow = await dashboard.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"the page is {overflow}px wider than a phone's screen"
