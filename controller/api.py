@@ -52,7 +52,7 @@ from controller.settings import ControllerSettings
 from controller.state_machine import NotAllowed, effective_sla
 from controller.store import IdempotencyConflict, StartUncertain, WorkflowStore
 from participants.sdk import tracing
-from participants.sdk.connection import REFUSING_WRITES
+from participants.sdk.connection import refusing_writes
 from participants.sdk.logs import Outage
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
             raise
         error = _HttpError(exc)
     except RedisError as exc:
-        refused = isinstance(exc, REFUSING_WRITES)
+        refused = refusing_writes(exc)
         request.app[REDIS_REFUSING if refused else REDIS_OUTAGE].failed(exc)  # once, then every 30 s
         error = Unavailable(f"Redis refuses writes: {exc}" if refused else f"Redis did not answer: {exc}")
     except Exception:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contracts import naming
@@ -31,7 +32,7 @@ from controller.instance import Instance, WorkflowStatus
 from controller.store import WorkflowStore
 from participants.sdk import tracing
 from participants.sdk.commit import Commit, Outcome
-from participants.sdk.connection import REFUSING_WRITES, UNAVAILABLE, unavailable
+from participants.sdk.connection import UNAVAILABLE, refusing_writes, unavailable
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, decode_entry, entry_order
 from participants.sdk.logs import Outage
 from participants.sdk.metrics import DeadLetterReason, dead_letter_reason
@@ -96,6 +97,7 @@ class Correlator:
         self.duplicates = 0
         self.conflicts = 0  # commits refused by the version guard, then decided again
         self.dead_lettered = 0
+        self.unavailable = 0  # rounds that found Redis unreachable or refusing writes, and were tried again
 
     async def prepare(self) -> None:
         """Create the consumer groups (once: a read that finds its group gone makes it again)."""
@@ -146,11 +148,17 @@ class Correlator:
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 # Redis cannot be reached: not ready; the batch is tried again (_stalled)
                 ready.clear()
+                self.unavailable += 1
                 outage.failed(exc)
                 await wait_until(stop, _PAUSE_AFTER_ERROR_S)
-            except REFUSING_WRITES as exc:
+            except ResponseError as exc:
+                if not refusing_writes(exc):
+                    log.exception("correlator batch failed; its entries will be retried")
+                    await wait_until(stop, _PAUSE_AFTER_ERROR_S)
+                    continue
                 # Redis answers but refuses writes (out of memory under noeviction, a replica):
                 # reachable, so ready; the batch is tried again (_stalled)
+                self.unavailable += 1
                 outage.recovered()
                 refused.failed(exc)
                 ready.set()

@@ -125,9 +125,3 @@ async def refusing_writes(redis: Redis) -> AsyncIterator[None]:
     finally:
         for name, value in before.items():
             await redis.config_set(name, value)
-
-
-async def writes_refused(redis: Redis) -> int:
-    """How many commands Redis has refused for want of memory since it started."""
-    stats = await redis.info("errorstats")
-    return int(stats.get("errorstat_OOM", {}).get("count", 0))

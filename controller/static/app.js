@@ -736,7 +736,7 @@ const refreshParticipants = single(async () => {
         "li",
         {},
         `No live ${u.participant} worker handles ${u.type}: step ${u.step} of ${u.workflow} v${u.version} (${u.role})` +
-          (u.lag ? `; ${u.lag} waiting.` : "."),
+          (u.lag ? `; ${u.exact ? "" : "at least "}${u.lag} waiting.` : "."),
       ),
     ),
   );

@@ -37,6 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis
+from redis.exceptions import RedisError
+
+from participants.sdk.connection import mark_own
 
 OWN_CONNECTION = frozenset(
     {
@@ -93,6 +96,13 @@ class AutoPipelineRedis(Redis):
         self._flushes: set[asyncio.Task[None]] = set()
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await self._execute(*args, **options)
+        except RedisError as error:
+            mark_own(error)  # the runner tells an outage of its Redis by this mark (see connection.own)
+            raise
+
+    async def _execute(self, *args: Any, **options: Any) -> Any:
         name = args[0]
         command = (name.decode() if isinstance(name, bytes) else str(name)).upper()  # as the server reads it
         if command in OWN_CONNECTION or (command in _BLOCKING_WITH_OPTION and _blocks(args)):

@@ -9,8 +9,9 @@
 --                       field 'c' (the token of the commit that wrote k) must equal token
 --                       when token is not '' and 'c' exists
 --     requires k member member must already be in set k (an earlier commit applied)
---     pending k group id  skip the whole commit unless entry id of stream k is pending in
---                       group (a dead letter run again after it landed is not written twice)
+--     pending k group consumer id  skip the whole commit unless entry id of stream k is
+--                       pending in group for consumer (a dead letter run again after it
+--                       landed, or of an entry a peer took over, is not written)
 --   then the writes, each a name, a count n and n arguments, applied in order:
 --     hset k f v ...   rpush k v ...   xadd k maxlen|'' f v ...   xdel k id
 --     zadd k score member   zrem k member   zaddin k delay_ms member (score = the
@@ -39,7 +40,7 @@ local function duplicate(j)
     if argv[j] == 'guard' then
       return {'dupof', redis.call('HGET', KEYS[tonumber(argv[j + 1])], 'c') or ''}
     end
-    j = j + ((argv[j] == 'guard' or argv[j] == 'pending') and 4 or 3)
+    j = j + (argv[j] == 'pending' and 5 or argv[j] == 'guard' and 4 or 3)
   end
   return {'dup'}
 end
@@ -78,14 +79,17 @@ while true do
     end
     i = i + 3
   elseif op == 'pending' then
-    local id = argv[i + 3]
-    -- (no such group: nothing is pending in it either)
-    local ok, found = pcall(redis.call, 'XPENDING', KEYS[tonumber(argv[i + 1])], argv[i + 2], id, id, 1)
-    if not ok or #found == 0 then
+    local id = argv[i + 4]
+    local found = redis.pcall('XPENDING', KEYS[tonumber(argv[i + 1])], argv[i + 2], id, id, 1, argv[i + 3])
+    if found.err then
+      if not string.find(found.err, 'NOGROUP', 1, true) then return found end
+      found = {} -- no such group: nothing is pending in it either
+    end
+    if #found == 0 then
       ack()
       return {'dup'}
     end
-    i = i + 4
+    i = i + 5
   else
     break
   end

@@ -107,10 +107,11 @@ class Commit:
         self._checks["requires"] = (self._k(key), member)
         return self
 
-    def pending(self, stream: str, group: str, entry_id: str) -> Commit:
-        """Do nothing (a duplicate) unless ``entry_id`` of ``stream`` is pending in ``group``:
-        for a commit that acks it, so that running it again after it landed changes nothing."""
-        self._checks["pending"] = (self._k(stream), group, entry_id)
+    def pending(self, stream: str, group: str, consumer: str, entry_id: str) -> Commit:
+        """Do nothing (a duplicate) unless ``entry_id`` of ``stream`` is pending in ``group`` for
+        ``consumer``: for a commit that acks it, so that running it again after it landed, or
+        after a peer took the entry over, changes nothing."""
+        self._checks["pending"] = (self._k(stream), group, consumer, entry_id)
         return self
 
     def guard(self, key: str, expected_version: int, expected_token: str = "") -> Commit:

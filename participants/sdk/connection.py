@@ -10,7 +10,14 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError, DataError, OutOfMemoryError, ReadOnlyError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    DataError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
@@ -24,16 +31,40 @@ DEFAULT_BLOCK_MS = 1_000
 MAX_CONNECTIONS = 64
 REFUSING_WRITES = (OutOfMemoryError, ReadOnlyError)
 """What Redis answers when it is reachable but takes no writes (out of memory under noeviction, a replica)."""
-UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, *REFUSING_WRITES)
-"""Redis cannot be used just now (unreachable, too slow, loading, refusing writes): an outage to wait
-out, never a message's fault, so a consumer retries what it hit without spending a delivery.  Catch
-these, then ask :func:`unavailable`: redis-py makes a refused password a connection error too."""
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ResponseError)
+"""What may say that Redis cannot be used just now (unreachable, too slow, loading, refusing
+writes): an outage to wait out, never a message's fault, so a consumer retries what it hit
+without spending a delivery.  Catch these, then ask :func:`unavailable`, which tells."""
+_REFUSALS = ("OOM command not allowed", "-OOM ", "READONLY ", "-READONLY ")
+_OWN = "streamsaga_own_redis"
+
+
+def refusing_writes(error: BaseException) -> bool:
+    """Whether Redis answered that it takes no writes now: out of memory under ``noeviction``, a
+    replica.  Redis 7 says so in an error redis-py types; Redis 6.2 wraps it, inside a script, in
+    a plain ``ERR Error running script … -OOM …``."""
+    if isinstance(error, REFUSING_WRITES):
+        return True
+    return isinstance(error, ResponseError) and any(refusal in str(error) for refusal in _REFUSALS)
 
 
 def unavailable(error: BaseException) -> bool:
-    """Whether ``error`` says Redis cannot be used just now (:data:`UNAVAILABLE`), rather than that
-    it refused these credentials, which no waiting mends."""
-    return isinstance(error, UNAVAILABLE) and not isinstance(error, (AuthenticationError, AuthorizationError))
+    """Whether ``error`` says Redis cannot be used just now: unreachable, too slow, loading
+    (connection errors, timeouts) or refusing writes — not that it refused these credentials,
+    or this command, which no waiting mends."""
+    if isinstance(error, AuthenticationError | AuthorizationError):
+        return False
+    return isinstance(error, RedisConnectionError | RedisTimeoutError) or refusing_writes(error)
+
+
+def mark_own(error: BaseException) -> None:
+    """Note that ``error`` came from a participant's own Redis (its runner's client), so that an
+    outage there is told from a failure of anything else a handler uses (see :func:`own`)."""
+    setattr(error, _OWN, True)
+
+
+def own(error: BaseException) -> bool:
+    return bool(getattr(error, _OWN, False))
 
 
 class _HiredisPacking(AbstractConnection):
@@ -96,8 +127,8 @@ def connect(url: str, *, name: str | None = None, max_connections: int = MAX_CON
         # a pooled connection the server closed (Redis restarted, a proxy or firewall dropped
         # it) fails once on its next use, however late: one immediate retry on a fresh
         # connection.  A retried write may land twice: commits dedupe (message ids, version
-        # checks, done-records), claims leave alone what they no longer find, and a dead
-        # letter may be written twice (its entry acked once).  Timeouts are not retried:
+        # checks, done-records, a dead letter's pending entry), and claims leave alone what
+        # they no longer find.  Timeouts are not retried:
         # Redis is slow or gone.
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         client_name=name,

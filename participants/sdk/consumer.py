@@ -22,7 +22,7 @@ from contracts import naming
 from contracts.envelope import DecodeError, Envelope, decode
 from contracts.messages import Wire, parse_payload
 from participants.sdk.commit import Commit, CommitScript
-from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS, REFUSING_WRITES, text
+from participants.sdk.connection import DEFAULT_BLOCK_MS, MAX_BLOCK_MS, refusing_writes, text
 from participants.sdk.scripts import Script, ScriptCall
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def dead_letter_commit(entry: Entry, group: str, consumer: str, reason: str) -> 
         fields[DLQ_FIELD_PREFIX + name.decode(errors="replace")] = value.decode(errors="replace")
     return (
         Commit()
-        .pending(entry.stream, group, entry.id)  # once: run again after it landed, it finds the entry acked
+        .pending(entry.stream, group, consumer, entry.id)  # once, and only by the consumer holding it
         .xadd(naming.dead_letter_stream(entry.partition), fields, maxlen=DEAD_LETTER_MAXLEN)
         .ack(entry.stream, group, entry.id)
     )
@@ -147,7 +147,7 @@ async def create_groups(redis: Redis, groups: Sequence[tuple[str, str]]) -> None
     for (stream, group), result in zip(groups, results, strict=True):
         if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
             # an OOM stays an OutOfMemoryError (an outage); MOVED and the like cannot take a message
-            kind = type(result) if isinstance(result, REFUSING_WRITES) else ResponseError
+            kind = type(result) if refusing_writes(result) else ResponseError
             raise kind(f"cannot create group {group!r} on {stream}: {result}") from result
 
 

@@ -48,9 +48,10 @@ from participants.sdk.commit import Commit, CommitResult, CommitScript, Outcome
 from participants.sdk.connection import (
     DEFAULT_BLOCK_MS,
     MAX_BLOCK_MS,
-    REFUSING_WRITES,
     UNAVAILABLE,
     connect,
+    own,
+    refusing_writes,
     unavailable,
 )
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, dead_letter_commit, decode_entry_parsed
@@ -229,6 +230,7 @@ class Runner:
         self._commit_outage = Outage(log, f"{participant.name} committing (Redis unavailable)")
         self._writable = asyncio.Event()  # cleared while commits find Redis refusing them: reading waits
         self._writable.set()
+        self._refused_batches = 0  # batches whose commits Redis refuses now
         self._heartbeat: asyncio.Task[None] | None = None
         self._heartbeat_halt = asyncio.Event()
         self._started_ms = int(time.time() * 1000)
@@ -495,10 +497,10 @@ class Runner:
             try:
                 return await self._handle(entry, envelope, parsed)
             except UNAVAILABLE as error:
-                if unavailable(error) and not await self._redis_usable(error):
+                if unavailable(error) and own(error):  # msg.redis's calls are marked (autopipeline)
                     self.stats.unavailable += 1
                     raise
-                # the handler's own dependency (another Redis, say), or a refused password: its failure
+                # the handler's own dependency (another Redis, say), or a refused command: its failure
                 extra: dict[str, object] = {"correlation_id": envelope.correlation_id, "message_type": envelope.type}
                 return self._failed(entry, envelope, error, extra)
 
@@ -507,49 +509,51 @@ class Runner:
         except UNAVAILABLE as error:  # stopped meanwhile
             return _Unavailable(error)
 
-    async def _redis_usable(self, error: Exception) -> bool:
-        """Whether the runner's own Redis works, which a handler's ``error`` called into doubt:
-        whether it takes a write (after a refusal) or answers at all (after a lost connection)."""
-        try:
-            await (self._beat() if isinstance(error, REFUSING_WRITES) else self.redis.ping())
-        except UNAVAILABLE:
-            return False
-        return True
-
     async def _commit(self, commits: list[Commit]) -> list[CommitResult]:
         """Run a batch's commits; those Redis refused or could not take are run again after a
         pause (as :meth:`_handle_through_outages`) until they land, the others not again (a
         dead letter must not be written twice).  Reading waits meanwhile.  Raises what stopped
         it when the runner stops, or a commit the script refused for another reason."""
+        if not commits:
+            return []
         results: dict[int, CommitResult] = {}
         todo = list(range(len(commits)))
+        refused_here = False
+
+        def refused(error: Exception) -> Exception:
+            nonlocal refused_here
+            self.stats.unavailable += 1
+            if not refused_here:  # reading waits while any batch's commits are refused
+                refused_here = True
+                self._refused_batches += 1
+                self._writable.clear()
+            return error
 
         async def attempt() -> None:
             nonlocal todo
             try:
                 answers = await self._script.run_each(self.redis, [commits[i] for i in todo])
-            except UNAVAILABLE:
-                self.stats.unavailable += 1
-                self._writable.clear()
-                raise
-            refused: list[tuple[int, Exception]] = []
+            except UNAVAILABLE as error:
+                raise refused(error) if unavailable(error) else error from None
+            waiting: list[tuple[int, Exception]] = []
             for i, answer in zip(todo, answers, strict=True):
-                if isinstance(answer, REFUSING_WRITES):
-                    refused.append((i, answer))
-                elif isinstance(answer, ResponseError):
-                    raise answer
+                if isinstance(answer, ResponseError):
+                    if not refusing_writes(answer):
+                        raise answer
+                    waiting.append((i, answer))
                 else:
                     results[i] = answer
-            todo = [i for i, _ in refused]
-            if refused:
-                self.stats.unavailable += 1
-                self._writable.clear()
-                raise refused[0][1]
+            todo = [i for i, _ in waiting]
+            if waiting:
+                raise refused(waiting[0][1])
 
         try:
             await through_outages(attempt, self._stop, self._commit_outage)
         finally:
-            self._writable.set()  # landed, or given up on (stopping, another error): reading may go on
+            if refused_here:  # landed, or given up on (stopping, another error)
+                self._refused_batches -= 1
+                if not self._refused_batches:
+                    self._writable.set()
         return [results[i] for i in range(len(commits))]
 
     async def _handle(self, entry: Entry, envelope: Envelope, parsed: Wire | None = None) -> _Result:
@@ -692,8 +696,9 @@ class Runner:
         stats = self.stats
         for (kind, emitted, message_type), result in zip(kinds, results, strict=True):
             if isinstance(kind, DeadLetterReason):
-                stats.dead_lettered += 1
-                self.metrics.dead_lettered(message_type, kind)
+                if result.outcome is Outcome.OK:  # (a duplicate: written by an earlier run of the commit)
+                    stats.dead_lettered += 1
+                    self.metrics.dead_lettered(message_type, kind)
             elif kind is _Kind.DUPLICATE or result.outcome is Outcome.DUPLICATE:
                 stats.duplicates += 1
                 self.metrics.message(message_type, HandlerOutcome.DUPLICATE)
@@ -745,8 +750,8 @@ class Runner:
             self._log_dead_letters(letters)
             for entry in exhausted:
                 self._last_error.pop((entry.stream, entry.id), None)
-        if retry and not stop.is_set():
-            self._spawn(retry)  # when stopping, they stay pending for a peer
+        if retry and not stop.is_set() and self._writable.is_set():
+            self._spawn(retry)  # when stopping, or while commits are refused, they stay pending
         return True
 
     async def _hold_and_release(self) -> None:
@@ -828,8 +833,10 @@ async def run_participant(participant: Participant, settings: RunnerSettings, st
             runner = await through_outages(
                 lambda: started.enter_async_context(Runner(participant, settings)), stop, outage
             )
-        except UNAVAILABLE:
-            return  # stopped before Redis could be used
+        except UNAVAILABLE as error:
+            if unavailable(error):
+                return  # stopped before Redis could be used
+            raise  # a refused password, say: no waiting mends it
         await runner.run(stop)
 
 

@@ -4,16 +4,19 @@ try, and what it leaves alone."""
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from contracts import naming
 from controller.embedded_redis import EmbeddedRedis, bundled_server
-from participants.sdk.connection import connect, text
-from participants.sdk.consumer import READ_BOUND, GroupReader, RetryPolicy
+from participants.sdk.connection import connect, text, unavailable
+from participants.sdk.consumer import READ_BOUND, GroupReader, RetryPolicy, create_groups
 from tests.conftest import eventually
-from tests.faults import through_proxy
+from tests.faults import refusing_writes, through_proxy
 
 STREAM = naming.message_stream(0, "Ping")
 POLICY = RetryPolicy(max_deliveries=5, base_ms=10, max_ms=10, claim_idle_ms=60_000)
@@ -192,3 +195,11 @@ async def _deleted_entry_is_acked(redis: Redis) -> None:
 
     assert ([entry.id for entry in retry], exhausted) == ([text(kept)], [])
     assert set(await pending_rows(redis)) == {text(kept)}  # the deleted one no longer pending
+
+
+async def test_a_group_redis_refuses_to_create_fails_as_an_outage_naming_it(redis: Redis) -> None:
+    stream = naming.message_stream(0, "Brandnew")
+    async with refusing_writes(redis):
+        with pytest.raises(ResponseError, match=f"cannot create group 'g' on {re.escape(stream)}") as raised:
+            await create_groups(redis, [(stream, "g")])
+    assert unavailable(raised.value)  # so a consumer starting meanwhile waits it out
