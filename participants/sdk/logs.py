@@ -136,8 +136,8 @@ def configure_logging(level: str | int = "INFO", log_format: LogFormat = "text",
     logging.basicConfig(level=level, handlers=[handler])
 
 
-OUTAGE_PERSISTS_S = 1.0
-"""How long an outage that came right after another must last to be told after all."""
+OUTAGE_SETTLES_S = 1.0
+"""How long a dependency must go without failing before a success ends its outage."""
 
 
 class Outage:
@@ -146,9 +146,8 @@ class Outage:
     failures since, and the recovery.  A loop retrying twice a second through a
     minute-long outage writes three lines, not a hundred and twenty tracebacks.  One
     that flaps (fails, works, fails again: a Redis at its memory limit, requests that
-    race) does not repeat itself either: a failure soon after the last warning is
-    counted, not told, and so is the recovery that follows it, unless it goes on
-    failing for :data:`OUTAGE_PERSISTS_S`; then it is told after all."""
+    race) is one outage too: a success ends it only once :data:`OUTAGE_SETTLES_S` passed
+    without a failure (``for_good``: at once, for a one-off operation that got through)."""
 
     def __init__(
         self,
@@ -163,27 +162,20 @@ class Outage:
         self.clock = clock
         self.failures = 0
         self._since: float | None = None
-        self._told: float | None = None  # when the last warning was written
-        self._quiet = False  # this outage came too soon after the last warning to be told
+        self._told = 0.0  # when the last warning was written
+        self._last_failure = 0.0
 
     @property
     def failing(self) -> bool:
         return self._since is not None
 
     def failed(self, error: BaseException) -> None:
-        now = self.clock()
+        now = self._last_failure = self.clock()
         self.failures += 1
         if self._since is None:
-            self._since = now
-            self._quiet = self._told is not None and now - self._told < self.every_s
-            if not self._quiet:
-                self._told = now
-                self.logger.warning("%s failed: %s", self.what, _describe(error))
-        elif self._quiet and now - self._since >= OUTAGE_PERSISTS_S:
-            self._told = now
-            self._quiet = False
-            self.logger.warning("%s failed again: %s", self.what, _describe(error))
-        elif not self._quiet and (self._told is None or now - self._told >= self.every_s):
+            self._since = self._told = now
+            self.logger.warning("%s failed: %s", self.what, _describe(error))
+        elif now - self._told >= self.every_s:
             self._told = now
             self.logger.warning(
                 "%s still failing after %.0fs (%d failures): %s",
@@ -193,13 +185,13 @@ class Outage:
                 _describe(error),
             )
 
-    def recovered(self) -> None:
+    def recovered(self, for_good: bool = False) -> None:
         if self._since is None:
             return
-        if not self._quiet:
-            self.logger.info(
-                "%s works again after %.1fs (%d failures)", self.what, self.clock() - self._since, self.failures
-            )
+        now = self.clock()
+        if not for_good and now - self._last_failure < OUTAGE_SETTLES_S:
+            return  # it failed moments ago: flapping, not over yet
+        self.logger.info("%s works again after %.1fs (%d failures)", self.what, now - self._since, self.failures)
         self._since = None
         self.failures = 0
 

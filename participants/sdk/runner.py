@@ -837,6 +837,7 @@ async def run_participant(participant: Participant, settings: RunnerSettings, st
             if unavailable(error):
                 return  # stopped before Redis could be used
             raise  # a refused password, say: no waiting mends it
+        outage.recovered(for_good=True)  # started: told at once, not once it has held a while
         await runner.run(stop)
 
 

@@ -656,6 +656,11 @@ async def test_an_outage_is_503_for_every_request_and_one_warning_in_the_log(
     assert (await api.call("GET", "/v1/workflows")).status == 200
     await ready(api)
 
+    async def told_it_works() -> bool:  # once requests have gone through for a second (logs.OUTAGE_SETTLES_S)
+        assert (await api.call("GET", "/readyz")).status == 200
+        return any("works again" in r.getMessage() for r in caplog.records if r.name == "controller.api")
+
+    await eventually(told_it_works, bool, what="the recovery told")
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "controller.api"]
     outage = [line for line in lines if "the API's Redis requests" in line[1]]
     assert [level for level, _ in outage] == ["WARNING", "INFO"], lines  # failed once, then works again
