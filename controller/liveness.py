@@ -299,11 +299,13 @@ async def survey(
 
     The lag of a group on a type is summed over ``partitions``: entries not yet
     delivered to the group plus entries pending in it.  Redis 7 reports the
-    undelivered count as ``lag`` in ``XINFO GROUPS``.  Redis 6.2 does not, and
-    Redis 7 gives up on it (nil) after entries were deleted from the middle of the
-    stream; then the entries after the group's ``last-delivered-id`` are counted
-    on the server in a second round trip — exactly up to :data:`COUNT_CAP` per
-    stream, beyond which ``undelivered`` is a lower bound and ``exact`` is false.
+    undelivered count as ``lag`` in ``XINFO GROUPS``.  Redis 6.2 does not, Redis 7
+    gives up on it (nil) after entries were deleted from the middle of the stream,
+    and after replaying its AOF it counts entries the group had read as undelivered;
+    so unless it says 0, the entries after the group's ``last-delivered-id`` are
+    counted on the server in a second round trip — exactly up to :data:`COUNT_CAP`
+    per stream; beyond, Redis's count stands if it is larger, else ``undelivered``
+    is a lower bound and ``exact`` is false.
     A stream that does not exist yet has nothing to deliver; a group missing on an
     existing stream is counted as if it had read nothing.
     """
@@ -446,8 +448,10 @@ async def _lags(redis: Redis, partitions: int, wanted: Mapping[str, Collection[s
         replies = await pipe.execute(raise_on_error=False)
 
     lags: dict[tuple[str, str], Lag] = {}
-    # (group, type, stream, last delivered id, pending) where Redis did not report the undelivered count
-    to_count: list[tuple[str, str, str, str, int]] = []
+    # (group, type, stream, last delivered id, pending, Redis's count) where Redis reported no
+    # undelivered count, or one not 0: after a restart that replayed the AOF, Redis 7 counts
+    # entries a group read before as undelivered (entries-read is lost), so a count is checked
+    to_count: list[tuple[str, str, str, str, int, int | None]] = []
     for (stream, message_type), reply in zip(streams, replies, strict=True):
         if isinstance(reply, ResponseError) and "no such key" in str(reply).lower():
             continue  # nothing was ever written or read there
@@ -458,24 +462,32 @@ async def _lags(redis: Redis, partitions: int, wanted: Mapping[str, Collection[s
             key = (group, message_type)
             info = found.get(group)
             if info is None:
-                to_count.append((group, message_type, stream, "0-0", 0))
+                to_count.append((group, message_type, stream, "0-0", 0, None))
                 continue
             pending = int(_get(info, "pending") or 0)
             undelivered = _get(info, "lag")
-            if undelivered is None:  # Redis 6.2, or Redis 7 that cannot tell
+            if undelivered is None or int(undelivered) > 0:  # Redis 6.2, Redis 7 that cannot tell, or a count to check
                 last = text(_get(info, "last-delivered-id") or "0-0")
-                to_count.append((group, message_type, stream, last, pending))
+                reported = None if undelivered is None else int(undelivered)
+                to_count.append((group, message_type, stream, last, pending, reported))
             else:
-                lags[key] = lags.get(key, Lag()) + Lag(int(undelivered), pending)
+                lags[key] = lags.get(key, Lag()) + Lag(0, pending)
     if to_count:
         counts = await _COUNT_AFTER.call_many(
-            redis, [([stream], [last, str(COUNT_CAP)]) for _, _, stream, last, _ in to_count]
+            redis, [([stream], [last, str(COUNT_CAP)]) for _, _, stream, last, _, _ in to_count]
         )
-        for (group, message_type, _, _, pending), count in zip(to_count, counts, strict=True):
+        for (group, message_type, _, _, pending, reported), count in zip(to_count, counts, strict=True):
             if isinstance(count, Exception):
                 raise count
             key = (group, message_type)
-            lags[key] = lags.get(key, Lag()) + Lag(int(count), pending, exact=int(count) < COUNT_CAP)
+            counted = int(count)
+            if counted < COUNT_CAP:  # all of them counted: exact, whatever Redis said
+                lag = Lag(counted, pending)
+            elif reported is not None and reported >= counted:  # more than the cap: Redis's count fits
+                lag = Lag(reported, pending)
+            else:
+                lag = Lag(counted, pending, exact=False)
+            lags[key] = lags.get(key, Lag()) + lag
     return lags
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from contracts import naming
 from contracts.definitions import CompensationDefinition, StepDefinition, WorkflowDefinition
@@ -294,6 +295,24 @@ async def test_lag_is_exact_whether_or_not_redis_reports_it(any_redis: Redis) ->
     assert echo.subscriptions == (SubscriptionView("Ping", False, True, Lag(undelivered=3, pending=2)),)
     assert found.controller.types == {"Ping": Lag(undelivered=5), "Pong": Lag()}  # no Pong stream yet
     assert found.controller.lag.total == 5
+
+
+async def test_a_lag_redis_miscounts_after_replaying_its_aof_is_counted_again(any_redis: Redis) -> None:
+    """After a restart that replayed the AOF, Redis 7 forgets how many entries a group read
+    (entries-read) and reports every entry as undelivered, though it delivered them all."""
+    stream = naming.message_stream(1, "Ping")
+    for n in range(6):
+        await any_redis.xadd(stream, {"n": str(n)})
+    await any_redis.xgroup_create(stream, naming.CONTROLLER_GROUP, id="0")
+    await any_redis.xreadgroup(naming.CONTROLLER_GROUP, "c-1", {stream: ">"})
+    try:  # what the replay leaves: the group at the last entry, having read none (Redis 7)
+        await any_redis.xgroup_setid(stream, naming.CONTROLLER_GROUP, "$", entries_read=0)
+    except ResponseError:  # Redis 6.2 keeps no such count
+        await any_redis.xgroup_setid(stream, naming.CONTROLLER_GROUP, "$")
+
+    found = await liveness.survey(any_redis, PARTITIONS, ["Ping"])
+
+    assert found.controller.types["Ping"].undelivered == 0
 
 
 async def test_a_malformed_heartbeat_is_skipped_and_a_beat_without_an_interval_uses_the_sdk_default(
