@@ -274,13 +274,17 @@ async def test_an_outage_spends_no_delivery_however_long_it_lasts(redis: Redis, 
         return Reply("Pong")
 
     message = envelope("Ping")
-    async with running(keeper, fast_settings(redis_url, max_deliveries=2)) as runner:
+    # a retry backoff of 200 ms (not fast_settings' 20): a pending scan claims only what has been idle
+    # that long, so a machine slow enough to take 20 ms between a read and a scan cannot claim the
+    # entry the batch just read (a delivery this test would take for the outage's)
+    settings = fast_settings(redis_url, max_deliveries=2, retry_base_ms=200, retry_max_ms=400)
+    async with running(keeper, settings) as runner:
         await publish(redis, message)
         await eventually(lambda: asyncio.sleep(0, tries), lambda found: found == [1], what="the first try")
         async with refusing_writes(redis):
             outage_begun.set()
-            # three tries in place (0.5 + 1 s): far longer than two deliveries' backoff (20 ms),
-            # so a retry through a claim would have spent both and dead-lettered the message
+            # three tries in place (0.5 + 1 s): longer than two deliveries' backoff (200 ms), so a
+            # retry through a claim would have spent both and dead-lettered the message
             await eventually(lambda: asyncio.sleep(0, runner.stats.unavailable), lambda n: n >= 3, what="tries")
             [entry] = await redis.xpending_range(stream_of(message), "keeper", "-", "+", 1)
             assert (entry["consumer"], entry["times_delivered"]) == (b"live", 1)
