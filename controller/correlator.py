@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contracts import naming
@@ -32,7 +32,7 @@ from controller.instance import Instance, WorkflowStatus
 from controller.store import WorkflowStore
 from participants.sdk import tracing
 from participants.sdk.commit import Commit, Outcome
-from participants.sdk.connection import UNAVAILABLE, refusing_writes, unavailable
+from participants.sdk.connection import refusing_writes, unavailable
 from participants.sdk.consumer import Entry, GroupReader, RetryPolicy, decode_entry, entry_order
 from participants.sdk.logs import Outage
 from participants.sdk.metrics import DeadLetterReason, dead_letter_reason
@@ -178,7 +178,7 @@ class Correlator:
         """:meth:`handle`; if Redis is unavailable, keep the entries for the next round."""
         try:
             await self.handle(entries)
-        except UNAVAILABLE as error:
+        except RedisError as error:
             if unavailable(error):
                 self._stalled = entries
             raise

@@ -31,10 +31,6 @@ DEFAULT_BLOCK_MS = 1_000
 MAX_CONNECTIONS = 64
 REFUSING_WRITES = (OutOfMemoryError, ReadOnlyError)
 """What Redis answers when it is reachable but takes no writes (out of memory under noeviction, a replica)."""
-UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ResponseError)
-"""What may say that Redis cannot be used just now (unreachable, too slow, loading, refusing
-writes): an outage to wait out, never a message's fault, so a consumer retries what it hit
-without spending a delivery.  Catch these, then ask :func:`unavailable`, which tells."""
 _REFUSALS = ("OOM command not allowed", "-OOM ", "READONLY ", "-READONLY ")
 _OWN = "streamsaga_own_redis"
 
@@ -51,7 +47,8 @@ def refusing_writes(error: BaseException) -> bool:
 def unavailable(error: BaseException) -> bool:
     """Whether ``error`` says Redis cannot be used just now: unreachable, too slow, loading
     (connection errors, timeouts) or refusing writes — not that it refused these credentials,
-    or this command, which no waiting mends."""
+    or this command, which no waiting mends.  An outage to wait out, never a message's fault,
+    so a consumer retries what it hit without spending a delivery."""
     if isinstance(error, AuthenticationError | AuthorizationError):
         return False
     return isinstance(error, RedisConnectionError | RedisTimeoutError) or refusing_writes(error)

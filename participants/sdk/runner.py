@@ -48,7 +48,6 @@ from participants.sdk.commit import Commit, CommitResult, CommitScript, Outcome
 from participants.sdk.connection import (
     DEFAULT_BLOCK_MS,
     MAX_BLOCK_MS,
-    UNAVAILABLE,
     connect,
     own,
     refusing_writes,
@@ -165,7 +164,7 @@ class _Failed:
 
 @dataclass(frozen=True)
 class _Unavailable:
-    """The runner stopped while the handler could not use Redis (see :data:`UNAVAILABLE`):
+    """The runner stopped while the handler could not use Redis (see :func:`unavailable`):
     the entry is left pending, the outage not counted against it."""
 
     error: Exception
@@ -492,21 +491,11 @@ class Runner:
         it finds Redis unavailable, until it gets through or the runner stops.  Its entry stays
         this consumer's and held meanwhile, so the outage spends none of its deliveries (a
         retry through a pending scan would: ``XCLAIM`` counts one)."""
-
-        async def attempt() -> _Result:
-            try:
-                return await self._handle(entry, envelope, parsed)
-            except UNAVAILABLE as error:
-                if unavailable(error) and own(error):  # msg.redis's calls are marked (autopipeline)
-                    self.stats.unavailable += 1
-                    raise
-                # the handler's own dependency (another Redis, say), or a refused command: its failure
-                extra: dict[str, object] = {"correlation_id": envelope.correlation_id, "message_type": envelope.type}
-                return self._failed(entry, envelope, error, extra)
-
         try:
-            return await through_outages(attempt, self._stop, self._handling_outage)
-        except UNAVAILABLE as error:  # stopped meanwhile
+            return await through_outages(
+                lambda: self._handle(entry, envelope, parsed), self._stop, self._handling_outage
+            )
+        except RedisError as error:  # stopped meanwhile (see _call_handler: only an outage gets here)
             return _Unavailable(error)
 
     async def _commit(self, commits: list[Commit]) -> list[CommitResult]:
@@ -533,7 +522,7 @@ class Runner:
             nonlocal todo
             try:
                 answers = await self._script.run_each(self.redis, [commits[i] for i in todo])
-            except UNAVAILABLE as error:
+            except RedisError as error:
                 raise refused(error) if unavailable(error) else error from None
             waiting: list[tuple[int, Exception]] = []
             for i, answer in zip(todo, answers, strict=True):
@@ -608,9 +597,10 @@ class Runner:
                 extra=extra,
             )
             return _Failed(f"handler did not finish within {self.settings.handler_timeout_s}s", None)
-        except UNAVAILABLE:
-            raise  # an outage, not the handler's failure: see _handle_through_outages
         except Exception as error:
+            if unavailable(error) and own(error):  # an outage of msg.redis (its errors are marked)
+                self.stats.unavailable += 1
+                raise  # not the handler's failure: see _handle_through_outages
             return self._failed(entry, envelope, error, extra)
 
     def _failed(self, entry: Entry, envelope: Envelope, error: Exception, extra: dict[str, object]) -> _Failed:
@@ -833,7 +823,7 @@ async def run_participant(participant: Participant, settings: RunnerSettings, st
             runner = await through_outages(
                 lambda: started.enter_async_context(Runner(participant, settings)), stop, outage
             )
-        except UNAVAILABLE as error:
+        except RedisError as error:
             if unavailable(error):
                 return  # stopped before Redis could be used
             raise  # a refused password, say: no waiting mends it

@@ -7,7 +7,9 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from participants.sdk.connection import UNAVAILABLE, unavailable
+from redis.exceptions import RedisError
+
+from participants.sdk.connection import unavailable
 from participants.sdk.logs import Outage
 
 T = TypeVar("T")
@@ -27,13 +29,13 @@ LAST_PAUSE_S = 5.0
 
 async def through_outages(attempt: Callable[[], Awaitable[T]], stop: asyncio.Event, outage: Outage) -> T:
     """``attempt()``, tried again after a pause (0.5 s, doubling up to 5 s) for as long as it
-    finds Redis unavailable (:data:`UNAVAILABLE`), the outage logged through ``outage``; once
+    finds Redis unavailable (:func:`unavailable`), the outage logged through ``outage``; once
     ``stop`` is set, the last such error is raised instead of waiting on."""
     pause = FIRST_PAUSE_S
     while True:
         try:
             result = await attempt()
-        except UNAVAILABLE as error:
+        except RedisError as error:
             if not unavailable(error):
                 raise
             outage.failed(error)

@@ -515,8 +515,11 @@ async def test_readiness_follows_redis_outages_and_an_outage_is_logged_once(
             instance = await start_order(WorkflowStore(redis, P))
             await emit(store, envelope(instance, "PaymentCaptured"))
             await eventually(lambda: counter(worker, "applied"), lambda n: n == 1, what="the event applied")
-            told = lambda: asyncio.sleep(0, sum("works again" in r.getMessage() for r in caplog.records))  # noqa: E731
-            await eventually(told, bool, what="the recovery told, once it held for a second")
+            await eventually(
+                lambda: asyncio.sleep(0, sum("works again" in r.getMessage() for r in caplog.records)),
+                bool,
+                what="the recovery told, once it held for a second",
+            )
         finally:
             stop.set()
             await task
